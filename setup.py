@@ -22,7 +22,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GENERATED = os.path.join(ROOT, "csrc", "generated")
 CPU_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp",
-             "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
+             "-Wall", "-Wno-unused-function", "-Wno-sign-compare", "-Wno-maybe-uninitialized"]
 
 
 def _load_contract():

@@ -151,3 +151,25 @@ def test_row_ops_bad_input():
         bi.log_softmax(x.bfloat16(), out_dtype=torch.float16)
     with pytest.raises(ValueError, match="device"):
         bi.rms_norm(x, torch.ones(8, device="meta"))
+
+
+def _batch_variant_rms_norm(x, w):
+    """Deliberately batch-variant: once T >= 8 the sum of squares is split in two halves whose
+    partial sums are stored in bf16 (what a kernel that picks a split-reduction with low-precision
+    partials for large batches does)."""
+    if x.size(0) < 8:
+        return bi.rms_norm(x, w, 1e-6)
+    z = x.float()
+    half = z.size(1) // 2
+    parts = [bi.mean(p * p, torch.float32) * p.size(1) for p in (z[:, :half], z[:, half:])]
+    ss = parts[0].bfloat16().float() + parts[1].bfloat16().float()
+    return (z * torch.rsqrt(ss / z.size(1) + 1e-6).unsqueeze(1) * w.float()).to(x.dtype)
+
+
+def test_negative_control_catches_batch_variant_norm(backend, require):
+    """Proof that the row property can fail: a T-dependent reduction split is detected."""
+    require(backend, "rms_norm")
+    w = _rand(1000, dtype=torch.float32, seed=1)
+    fails = T.row_invariance_mismatches(lambda x: _batch_variant_rms_norm(x, w),
+                                        lambda m, s: _rand(m, 1000, dtype=torch.float32, seed=s))
+    assert fails, "the row-invariance property did not catch a T-dependent reduction split"

@@ -1,6 +1,6 @@
-"""Command line: ``batch-invariant demo | info | bench``.
+"""Command line: ``batch-invariant demo | info | bench | make-model``.
 
-The vLLM end-to-end demo, the parity checker and make-model come with the CLI issue; today's
+The vLLM end-to-end demo and the parity checker come with the CLI issue; today's
 ``demo`` shows the kernel-level problem and fix on this machine.
 """
 from __future__ import annotations
@@ -45,6 +45,15 @@ def _info(args) -> int:
     return 0
 
 
+def _make_model(args) -> int:
+    from batch_invariant.models import make_model
+
+    path = make_model(args.out, args.arch, args.size, seed=args.seed, tie_word_embeddings=args.tie,
+                      dtype=args.dtype, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="batch-invariant", description="batch-invariant kernels for vLLM and a matching trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,12 +64,26 @@ def main(argv=None) -> int:
     bench = sub.add_parser("bench", help="benchmarks: kernels")
     bench.add_argument("what", choices=["kernels"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    from batch_invariant import models  # stdlib-only at import time
+
+    mm = sub.add_parser("make-model", help="make a deterministic random-init model + tokenizer folder (no downloads)")
+    mm.add_argument("out", help="output folder (reused when it already holds the same model)")
+    mm.add_argument("--arch", default="llama", choices=list(models.ARCHS))
+    mm.add_argument("--size", default="tiny", choices=list(models.SIZES))
+    mm.add_argument("--seed", type=int, default=0)
+    tie = mm.add_mutually_exclusive_group()
+    tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie input/output embeddings")
+    tie.add_argument("--no-tie", dest="tie", action="store_false", help="untie them (default: the family's)")
+    mm.add_argument("--dtype", default="bfloat16", choices=list(models.DTYPES))
+    mm.add_argument("--overwrite", action="store_true", help="rebuild even if the folder holds this model")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args)
         if args.command == "info":
             return _info(args)
+        if args.command == "make-model":
+            return _make_model(args)
         from batch_invariant.bench import kernels
         return kernels.main(args.rest)
     except Exception as exc:  # one clear line, no traceback, for user-facing errors

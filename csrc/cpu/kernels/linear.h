@@ -80,8 +80,8 @@ static void block_portable(const T* x, int64_t ldx, const T* w, int64_t ldw, int
 
 #if BI_X86
 // ------------------------------------------------------------------------------------------
-// AVX-512 microkernels. MR rows of x times NR rows of w, full K, MR*NR zmm accumulators.
-// Results (tree-reduced, no bias) go to r[i*NR + j].
+// AVX-512 microkernels: MR rows of x times NR rows of w over a K range, MR*NR zmm accumulators
+// (one per output element). Final results (tree-reduced, no bias) go to r[i*NR + j].
 
 // K blocking: a K range may be processed in several calls; the accumulators are then kept in
 // abuf (MR*NR*16 fp32, exact) between calls, so every lane sees the same sequence as in one call.
@@ -265,11 +265,13 @@ BI_AVX512 static void mk_dpbf16_emu(const bf16_t* x, int64_t ldx, const bf16_t* 
 #endif  // BI_X86
 
 // ------------------------------------------------------------------------------------------
-// Dispatch of one MR x NR block (mr in 1..4, nr in 1..kMaxNR(mr)).
+// Dispatch of one MR x NR block (mr in 1..kMR, nr in 1..main_nr(mr)).
 enum class Path : int { kPortable = 0, kFma = 1, kDpBf16 = 2, kDpBf16Emu = 3 };
 
-// Main NR for a given MR (register budget: MR*NR accumulators + MR x vectors + 1-2 w vectors).
-static inline int main_nr(int mr) { return mr == 1 ? 8 : mr == 2 ? 8 : mr == 3 ? 6 : 4; }
+// Register budget: MR*NR accumulators + MR x vectors + 1 w vector <= 32 zmm.
+// Main tile: kMR rows of x x 4 rows of w (24 zmm accumulators); M tails (mr < kMR) use wider NR.
+constexpr int kMR = 6;
+static inline int main_nr(int mr) { return mr <= 2 ? 8 : mr == 3 ? 6 : 4; }
 
 using MkFn = void (*)(const void*, int64_t, const void*, int64_t, int64_t, float*, int, float*);
 
@@ -309,6 +311,8 @@ static MkFn pick_mk(int mr, int nr) {
     BI_LIN_CASE(3, 1) BI_LIN_CASE(3, 2) BI_LIN_CASE(3, 3) BI_LIN_CASE(3, 4)
     BI_LIN_CASE(3, 5) BI_LIN_CASE(3, 6)
     BI_LIN_CASE(4, 1) BI_LIN_CASE(4, 2) BI_LIN_CASE(4, 3) BI_LIN_CASE(4, 4)
+    BI_LIN_CASE(5, 1) BI_LIN_CASE(5, 2) BI_LIN_CASE(5, 3) BI_LIN_CASE(5, 4)
+    BI_LIN_CASE(6, 1) BI_LIN_CASE(6, 2) BI_LIN_CASE(6, 3) BI_LIN_CASE(6, 4)
 #undef BI_LIN_CASE
     default: return nullptr;
   }
@@ -339,7 +343,7 @@ static inline Path select_path(Isa isa) {
 // K block: 4 KiB of each row per pass (multiple of the 16- and 32-element steps).
 template <typename T>
 static inline int64_t k_block_elems() { return int64_t(4096 / sizeof(T)); }
-constexpr int64_t kMChunk = 64;  // rows of x per K-blocked pass
+constexpr int64_t kMChunk = 60;  // rows of x per K-blocked pass (multiple of kMR)
 
 // True when a tile of `rows` x-rows is computed in K blocks (accumulators kept in a buffer).
 template <typename T>
@@ -369,8 +373,8 @@ static void linear_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, const 
       for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kb) {
         const int64_t klen = K - k0 < kb ? K - k0 : kb;
         const int flags = (k0 > 0 ? kLoadAcc : 0) | (k0 + klen >= K ? kFinal : 0);
-        for (int64_t m = mc0; m < mc1; m += 4) {
-          const int mr = int(mc1 - m < 4 ? mc1 - m : 4);
+        for (int64_t m = mc0; m < mc1; m += kMR) {
+          const int mr = int(mc1 - m < kMR ? mc1 - m : kMR);
           const int nrm = main_nr(mr);
           const T* xp = x + m * ldx + k0;
           for (int64_t n = nb; n < nbe; n += nrm) {

@@ -39,3 +39,20 @@ def silu_and_mul_ref(x):
 
 def _register_cpu():
     backends.register_kernel("cpu", "silu_and_mul", backends.cpu_extension().silu_and_mul)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    a, b = x.float().chunk(2, dim=-1)
+    s = torch.sigmoid(a)
+    silu = a * s
+    g = grad.float()
+    da = g * b * (s * (1 + a * (1 - s)))
+    return torch.cat([da, g * silu], dim=-1).to(x.dtype)
+
+
+torch.library.register_autograd("batch_invariant::silu_and_mul", _backward, setup_context=_setup)

@@ -141,3 +141,60 @@ def _register_cpu():
     backends.register_kernel("cpu", "linear", ext.linear)
     backends.register_kernel("cpu", "bmm_nt", ext.bmm_nt)
 
+
+
+# ------------------------------------------------------------------------------------------
+# Autograd (deterministic: every gradient is a batch_invariant matmul, fixed reduction order;
+# mixed dtypes are computed in the promoted dtype and rounded once).
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _ones_row(n, like):
+    return torch.ones(1, n, dtype=like.dtype, device=like.device)
+
+
+def _linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    rows = x.reshape(-1, x.size(-1))
+    g = grad.reshape(-1, weight.size(0))
+    cd = torch.promote_types(g.dtype, x.dtype)
+    g = g.to(cd)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = matmul(g, weight.to(cd)).to(x.dtype).view(x.shape)
+    if ctx.needs_input_grad[1]:
+        dw = matmul(g.t(), rows.to(cd)).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        db = matmul(_ones_row(g.size(0), g), g).view(-1).to(ctx.bias_dtype)
+    return dx, dw, db, None
+
+
+torch.library.register_autograd("batch_invariant::linear", _linear_backward, setup_context=_linear_setup)
+
+
+def _matmul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _matmul_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    da = matmul(grad, b.t()) if ctx.needs_input_grad[0] else None
+    db = matmul(a.t(), grad) if ctx.needs_input_grad[1] else None
+    return da, db
+
+
+torch.library.register_autograd("batch_invariant::matmul", _matmul_backward, setup_context=_matmul_setup)
+
+
+def _bmm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    da = bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+    db = bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+    return da, db
+
+
+torch.library.register_autograd("batch_invariant::bmm", _bmm_backward, setup_context=_matmul_setup)

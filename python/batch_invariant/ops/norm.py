@@ -83,3 +83,57 @@ def _register_cpu():
     ext = backends.cpu_extension()
     backends.register_kernel("cpu", "rms_norm", ext.rms_norm)
     backends.register_kernel("cpu", "fused_add_rms_norm", ext.fused_add_rms_norm)
+
+
+# ------------------------------------------------------------------------------------------
+# Autograd. fp32 math; row reductions through bi.mean and the weight gradient through a
+# batch_invariant matmul (ones @ G), so every reduction has a fixed order (deterministic).
+
+def _rms_backward_core(gy, z, weight, eps):
+    from .linear import matmul
+    from .softmax import mean
+
+    h = z.size(-1)
+    z = z.reshape(-1, h).float()
+    g = gy.reshape(-1, h).float()
+    w = weight.float()
+    r = torch.rsqrt(mean(z * z, torch.float32) + eps).unsqueeze(1)
+    gw = g * w
+    dot = mean(gw * z, torch.float32).unsqueeze(1)
+    dz = r * (gw - z * (r * r) * dot)
+    dw = matmul(torch.ones(1, z.size(0), dtype=torch.float32, device=z.device), g * z * r).view(-1)
+    return dz, dw
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _rms_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dz, dw = _rms_backward_core(grad, x, weight, ctx.eps)
+    return dz.to(x.dtype).view(x.shape), dw.to(weight.dtype), None
+
+
+torch.library.register_autograd("batch_invariant::rms_norm", _rms_backward, setup_context=_rms_setup)
+
+
+def _fused_setup(ctx, inputs, output):
+    x, residual, weight, eps = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.eps = eps
+
+
+def _fused_backward(ctx, grad_out, grad_residual):
+    z, weight = ctx.saved_tensors
+    dz, dw = _rms_backward_core(grad_out, z, weight, ctx.eps)
+    dz = dz.view(z.shape)
+    if grad_residual is not None:
+        dz = dz + grad_residual.float()
+    dz = dz.to(z.dtype)
+    return dz, dz, dw.to(weight.dtype), None
+
+
+torch.library.register_autograd("batch_invariant::fused_add_rms_norm", _fused_backward, setup_context=_fused_setup)

@@ -158,3 +158,30 @@ def rotary_embedding_ref(positions, q, k, head_size, cos_sin_cache, is_neox=True
 
 def _register_cpu():
     backends.register_kernel("cpu", "rotary_embedding", backends.cpu_extension().rotary_embedding)
+
+
+# ------------------------------------------------------------------------------------------
+# Autograd: the rotation is orthogonal, so the gradient is the rotation by -theta: the same op
+# with the sin half of the table negated (rows gathered for the positions used).
+
+def _setup(ctx, inputs, output):
+    positions, q, k, head_size, cache, is_neox = inputs
+    ctx.save_for_backward(positions, cache)
+    ctx.head_size, ctx.is_neox = head_size, is_neox
+    ctx.shapes = (q.shape, q.dtype, k.shape)
+
+
+def _backward(ctx, grad_q, grad_k):
+    positions, cache = ctx.saved_tensors
+    rows = cache.index_select(0, positions)
+    cos, sin = rows.chunk(2, dim=-1)
+    inverse = torch.cat([cos, -sin], dim=-1)
+    local = torch.arange(positions.numel(), device=positions.device)
+    q_shape, dtype, k_shape = ctx.shapes
+    gq = grad_q if grad_q is not None else torch.zeros(q_shape, dtype=dtype, device=positions.device)
+    gk = grad_k if grad_k is not None else torch.zeros(k_shape, dtype=dtype, device=positions.device)
+    dq, dk = rotary_embedding(local, gq, gk, ctx.head_size, inverse, ctx.is_neox)
+    return None, dq, dk, None, None, None
+
+
+torch.library.register_autograd("batch_invariant::rotary_embedding", _backward, setup_context=_setup)

@@ -133,3 +133,15 @@ def top_k_top_p_mask_ref(logits, top_k=None, top_p=None):
 
 def _register_cpu():
     backends.register_kernel("cpu", "top_k_top_p_mask", backends.cpu_extension().top_k_top_p_mask)
+
+
+def _mask_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _mask_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return torch.where(torch.isinf(out) & (out < 0), torch.zeros_like(grad), grad), None, None
+
+
+torch.library.register_autograd("batch_invariant::top_k_top_p_mask", _mask_backward, setup_context=_mask_setup)

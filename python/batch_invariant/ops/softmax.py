@@ -74,3 +74,38 @@ def _register_cpu():
     backends.register_kernel("cpu", "log_softmax", ext.log_softmax)
     backends.register_kernel("cpu", "softmax", ext.softmax)
     backends.register_kernel("cpu", "mean", ext.row_mean)
+
+
+# ------------------------------------------------------------------------------------------
+# Autograd (row sums through bi.mean: fixed order).
+
+def _save_output(ctx, inputs, output):
+    ctx.save_for_backward(output)
+    ctx.in_dtype = inputs[0].dtype
+
+
+def _log_softmax_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    g = grad.float()
+    total = mean(g, torch.float32).unsqueeze(-1) * g.size(-1)
+    return (g - torch.exp(out.float()) * total).to(ctx.in_dtype), None
+
+
+def _softmax_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    y, g = out.float(), grad.float()
+    dot = mean(g * y, torch.float32).unsqueeze(-1) * g.size(-1)
+    return (y * (g - dot)).to(ctx.in_dtype), None
+
+
+def _mean_setup(ctx, inputs, output):
+    ctx.shape, ctx.in_dtype = inputs[0].shape, inputs[0].dtype
+
+
+def _mean_backward(ctx, grad):
+    return (grad.float().unsqueeze(-1) / ctx.shape[-1]).expand(ctx.shape).to(ctx.in_dtype), None
+
+
+torch.library.register_autograd("batch_invariant::log_softmax", _log_softmax_backward, setup_context=_save_output)
+torch.library.register_autograd("batch_invariant::softmax", _softmax_backward, setup_context=_save_output)
+torch.library.register_autograd("batch_invariant::mean", _mean_backward, setup_context=_mean_setup)
