@@ -89,3 +89,66 @@ def test_bf16_linear_backward_rounds_once(require):
     # Reason: fp32 accumulation rounded once to bf16: <= 1 bf16 ulp of the largest gradient.
     assert T.max_abs_error(gx, rx) <= 2 ** -7 * float(rx.abs().max())
     assert T.max_abs_error(gw, rw) <= 2 ** -7 * float(rw.abs().max())
+
+
+def _paged(lengths, hq, hk, d, dtype, seed):
+    """Packed sequences on a page-size-1 cache (the trainer's layout) as leaf tensors."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lengths)
+    q = (torch.randn(t, hq, d, generator=g)).to(dtype).requires_grad_()
+    k = (torch.randn(t, 1, hk, d, generator=g)).to(dtype).requires_grad_()
+    v = (torch.randn(t, 1, hk, d, generator=g)).to(dtype).requires_grad_()
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    table = torch.zeros(len(lengths), max(lengths), dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        table[b, :n] = torch.arange(starts[b], starts[b] + n)
+    meta = (torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), table)
+    return q, k, v, meta
+
+
+def _attention_ref64(q, k, v, meta):
+    from batch_invariant.ops.attention import attention_ref
+    # differentiable float64 reference: per sequence masked softmax over its own keys
+    qsl, lens, _ = meta
+    outs = []
+    group = q.size(1) // k.size(2)
+    for b in range(lens.numel()):
+        s, e = int(qsl[b]), int(qsl[b + 1])
+        kk = k[s:e, 0].repeat_interleave(group, 1)
+        vv = v[s:e, 0].repeat_interleave(group, 1)
+        sc = torch.einsum("thd,jhd->htj", q[s:e], kk) / q.size(-1) ** 0.5
+        mask = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+        sc = sc.masked_fill(~mask, float("-inf"))
+        outs.append(torch.einsum("htj,jhd->thd", torch.softmax(sc, -1), vv))
+    assert attention_ref is not None
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_gradients_match_float64(require, dtype):
+    require("cpu", "attention_backward")
+    q, k, v, meta = _paged([1, 40, 700], 8, 2, 64, dtype, 1)
+    fn = lambda q, k, v: bi.attention(q, k, v, *meta)  # noqa: E731
+    got = _grads(fn, (q, k, v))
+    want = _grads(lambda q, k, v: _attention_ref64(q, k, v, meta), _as64((q, k, v)))
+    for g, w in zip(got, want):
+        # Reason: fp32 recomputation (exp ~2 ulp, sums over <= 700 keys); bf16: one rounding of
+        # the gradient plus bf16 inputs to the softmax (rel. ~2^-8 of the gradient's scale).
+        tol = (2 ** -7 if dtype == torch.bfloat16 else 1e-5) * float(w.abs().max())
+        assert T.max_abs_error(g, w) <= tol
+
+
+def test_attention_backward_deterministic_and_matches_lse_path(require):
+    require("cpu", "attention_backward")
+    q, k, v, meta = _paged([33, 600], 4, 4, 64, torch.bfloat16, 2)
+    fn = lambda q, k, v: bi.attention(q, k, v, *meta)  # noqa: E731
+    first = _grads(fn, (q, k, v))
+    assert all(T.bits_equal(a, b) for a, b in zip(first, _grads(fn, (q, k, v))))
+    # the op without saved lse (recomputes it) gives the same gradients
+    plain = _grads(lambda q, k, v: torch.ops.batch_invariant.attention(q, k, v, *meta, 0.125), (q, k, v))
+    assert all(T.bits_equal(a, b) for a, b in zip(first, plain))
+    assert not T.thread_count_mismatches(lambda: torch.cat([g.flatten() for g in _grads(fn, (q, k, v))]))
+    with torch.no_grad():
+        assert T.bits_equal(bi.attention(q, k, v, *meta), fn(q, k, v).detach())

@@ -14,7 +14,7 @@ def _samples():
     r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=g).to(dt)  # noqa: E731
     kc, vc = r(4, 16, 2, 64), r(4, 16, 2, 64)
     idx = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    return {
+    samples = {
         "linear": (r(5, 64), r(7, 64), r(7), None),
         "matmul": (r(5, 64), r(64, 7)),
         "bmm": (r(2, 5, 64), r(2, 64, 7)),
@@ -29,6 +29,12 @@ def _samples():
         "write_kv_cache": (r(3, 2, 64), r(3, 2, 64), kc.clone(), vc.clone(), torch.tensor([0, 17, -1])),
         "attention": (r(6, 4, 64), kc, vc, idx([0, 2, 6]), idx([20, 4]), idx([[1, 2, 0, 0], [3, 0, 0, 0]]), 0.125),
     }
+    meta = (idx([0, 2, 6]), idx([20, 4]), idx([[1, 2, 0, 0], [3, 0, 0, 0]]))
+    q = r(6, 4, 64)
+    samples["attention_with_lse"] = (q, kc, vc, *meta, 0.125)
+    out, lse = torch.ops.batch_invariant.attention_with_lse(q, kc, vc, *meta, 0.125)
+    samples["attention_backward"] = (r(6, 4, 64), q, kc, vc, out, lse, *meta, 0.125)
+    return samples
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

@@ -42,4 +42,8 @@ PYBIND11_MODULE(_cpu, m) {
         "slot_mapping"_a);
   m.def("attention", &cpu::attention, "q"_a, "key_cache"_a, "value_cache"_a, "query_start_loc"_a,
         "seq_lens"_a, "block_table"_a, "scale"_a);
+  m.def("attention_with_lse", &cpu::attention_with_lse, "q"_a, "key_cache"_a, "value_cache"_a,
+        "query_start_loc"_a, "seq_lens"_a, "block_table"_a, "scale"_a);
+  m.def("attention_backward", &cpu::attention_backward, "grad_out"_a, "q"_a, "key_cache"_a, "value_cache"_a,
+        "out"_a, "lse"_a, "query_start_loc"_a, "seq_lens"_a, "block_table"_a, "scale"_a);
 }

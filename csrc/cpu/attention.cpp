@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -85,9 +86,16 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, const at::Te
   });
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                     const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                     const at::Tensor& block_table, double scale) {
+namespace {
+
+// attention() and attention_with_lse(): one kernel; with_lse only adds the per-row store of
+// lse = M + log(L) (fp32 [T, Hq]; rows of padding tokens, t >= query_start_loc[B] or t <
+// query_start_loc[0], get 0). `out` is bitwise the same either way.
+std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at::Tensor& key_cache,
+                                                  const at::Tensor& value_cache,
+                                                  const at::Tensor& query_start_loc,
+                                                  const at::Tensor& seq_lens, const at::Tensor& block_table,
+                                                  double scale, bool with_lse) {
   for (const at::Tensor* t : {&q, &key_cache, &value_cache, &query_start_loc, &seq_lens, &block_table})
     TORCH_CHECK(t->device().is_cpu(), "attention: all tensors must be on the CPU");
   TORCH_CHECK(q.dim() == 3, "attention: q must be [T, Hq, D], got ", q.sizes(), " ", q.scalar_type());
@@ -142,7 +150,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& key_cache, const at:
   }
 
   at::Tensor out = at::zeros({T, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (B == 0 || T == 0 || max_ctx == 0) return out;
+  at::Tensor lse = with_lse ? at::zeros({T, Hq}, q.options().dtype(at::kFloat)) : at::Tensor();
+  if (B == 0 || T == 0 || max_ctx == 0) return {out, lse};
 
   const int G = int(Hq / Hk);
   const int Dp = int((D + 15) / 16 * 16);
@@ -216,6 +225,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& key_cache, const at:
     P.out = ptr<E>(out); P.o_st = out.stride(0); P.o_sh = out.stride(1);
     P.part = split_mode ? part.data_ptr<float>() : nullptr;
     P.nsplit_max = nsplit_max;
+    P.lse = with_lse ? lse.data_ptr<float>() : nullptr;
+    P.lse_st = Hq;
 
     const int64_t nitems = int64_t(items.size());
     std::atomic<int64_t> next{0};
@@ -249,7 +260,26 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& key_cache, const at:
       });
     }
   });
-  return out;
+  return {out, lse};
+}
+
+}  // namespace
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                     const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                     const at::Tensor& block_table, double scale) {
+  return std::get<0>(attention_impl(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale,
+                                    /*with_lse=*/false));
+}
+
+// Declared in launchers.h, section "attention backward".
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& key_cache,
+                                                      const at::Tensor& value_cache,
+                                                      const at::Tensor& query_start_loc,
+                                                      const at::Tensor& seq_lens, const at::Tensor& block_table,
+                                                      double scale) {
+  return attention_impl(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale,
+                        /*with_lse=*/true);
 }
 
 }  // namespace cpu

@@ -69,5 +69,27 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& key_cache, const at:
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                      const at::Tensor& block_table, double scale);
 
+// ---- attention backward (attention_bwd.cpp) ---------------------------------------------------
+// (attention_with_lse is defined in attention.cpp: it is attention() with the lse store enabled.)
+// Same arguments as attention(). Returns (out, lse): out bitwise equal to attention(...); lse fp32
+// [T, Hq] = M + log(L) (natural log, fp32) of the final combined online-softmax state, i.e. the
+// log-sum-exp of the scaled scores over keys 0..pos. Padding rows (tokens outside
+// [query_start_loc[0], query_start_loc[B])) get lse = 0 and out = 0.
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& key_cache,
+                                                      const at::Tensor& value_cache,
+                                                      const at::Tensor& query_start_loc,
+                                                      const at::Tensor& seq_lens, const at::Tensor& block_table,
+                                                      double scale);
+// Deterministic backward of attention() (recomputation, no atomics, thread-count independent).
+// grad_out, out: [T, Hq, D] in q's dtype; lse: fp32 [T, Hq] from attention_with_lse. Returns
+// (grad_q [T, Hq, D] in q's dtype, grad_key_cache, grad_value_cache with the caches' shape and
+// dtype). Cache slots no sequence references get 0; padding rows of grad_q get 0. Slots shared by
+// several sequences (same block in several block-table rows) get the per-sequence fp32 partial
+// sums added in ascending sequence order before the one rounding. Exact order: kernels/attention_bwd.h.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+    const at::Tensor& block_table, double scale);
+
 }  // namespace cpu
 }  // namespace bi

@@ -21,12 +21,15 @@
 //       Mn = (m_s > M ? m_s : M); e1 = (M == -inf) ? 0 : exp_f32(M - Mn); e2 = exp_f32(m_s - Mn)
 //       L = L*e1 + l_s*e2;  ACC[d] = ACC[d]*e1 + acc_s[d]*e2   (two products, one add; no fma)
 //   * out[d] = round_to_dtype(ACC[d] / L)   (fp32 division, one rounding, RNE).
+//   * optional log-sum-exp of the scaled scores (attention_with_lse): lse = M + std::log(L), fp32
+//     (logf of the final L, one fp32 add; no fma). It does not change any other operation.
 // Nothing here depends on the page size, the block table, the other rows of the launch, the query
 // block a row is processed in, or the thread count: the per-row operation sequence is fixed by p.
 // The portable path performs the identical operations (std::fma where the vector code uses fma),
 // so it gives the same bits as the AVX-512 path.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -84,6 +87,7 @@ struct Problem {
   float scale;
   T* out; int64_t o_st, o_sh;
   float* part; int nsplit_max;  // split-parallel mode: partial states [T*Hq][nsplit_max][Dp + 2]
+  float* lse = nullptr; int64_t lse_st = 0;  // optional: lse[t * lse_st + h] = M + log(L) (fp32)
 };
 
 // One unit of work: sequence b, kv heads [g0, g1), queries [qi0, qi1) of that sequence (indices within the
@@ -396,6 +400,12 @@ static inline void finalize_row(const float* ACC, float L, T* out, int D) {
   portable::finalize<T>(ACC, L, out, D);
 }
 
+// log-sum-exp of the final combined state (identical in every path: scalar, computed once per row).
+static inline float lse_of(float M, float L) {
+  const float lg = std::log(L);
+  return M + lg;
+}
+
 template <typename T, bool kAvx>
 void run_item(const Problem<T>& P, const Item& it, const Scratch& S) {
   const int G = P.Hq / P.Hk;
@@ -517,9 +527,11 @@ void run_item(const Problem<T>& P, const Item& it, const Scratch& S) {
     }
   }
   if (it.final_out) {
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
       finalize_row<T, kAvx>(S.ACC + (int64_t)r * Dp, S.L[r],
                             P.out + (int64_t)row_tok(r) * P.o_st + (int64_t)row_head(r) * P.o_sh, D);
+      if (P.lse) P.lse[(int64_t)row_tok(r) * P.lse_st + row_head(r)] = lse_of(S.M[r], S.L[r]);
+    }
   }
 }
 
@@ -536,6 +548,7 @@ void combine_partials(const Problem<T>& P, int t, int h, int p, float* ACC) {
     combine_state<kAvx>(M, L, ACC, src[0], src[1], src + 2, Dp);
   }
   finalize_row<T, kAvx>(ACC, L, P.out + (int64_t)t * P.o_st + (int64_t)h * P.o_sh, P.D);
+  if (P.lse) P.lse[(int64_t)t * P.lse_st + h] = lse_of(M, L);
 }
 
 }  // namespace attn

@@ -128,20 +128,22 @@ def plot(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     lin = [r for r in rows if r["op"] == "linear"]
     others = [r for r in rows if r["op"] != "linear"]
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    for ax, subset, label in ((axes[0], lin, lambda r: f"{r['dtype'][:4]} {r['N']}x{r['K']} M={r['M']}"),
-                              (axes[1], others, lambda r: f"{r['op']} {r['dtype'][:4]} M={r['M']}")):
+    for ax, subset, label in ((axes[0], lin, lambda r: f"{short[r['dtype']]} {r['N']}x{r['K']} M={r['M']}"),
+                              (axes[1], others, lambda r: f"{r['op']} {short[r['dtype']]} M={r['M']}")):
         if not subset:
             ax.axis("off")
             continue
         ax.bar(range(len(subset)), [r["ratio"] for r in subset],
                color=["tab:blue" if r["dtype"] == "bfloat16" else "tab:orange" for r in subset])
         ax.set_xticks(range(len(subset)), [label(r) for r in subset], rotation=90, fontsize=6)
+        ax.set_yscale("log")
         for y, style in ((1.0, "-"), (0.7, "--"), (0.5, ":")):
             ax.axhline(y, color="grey", linestyle=style, linewidth=0.8)
-        ax.set_ylabel("speed vs torch (baseline_ms / ms)")
+        ax.set_ylabel("speed vs torch (baseline_ms / ms, log)")
     axes[0].set_title("linear vs torch F.linear (blue: bf16, orange: fp32)")
     axes[1].set_title("other ops vs torch")
     fig.suptitle(title, fontsize=9)

@@ -17,4 +17,5 @@ backends.register_loader("cpu", _load_cpu_kernels)
 
 #: Every custom op this package defines (name -> OpOverloadPacket), for opcheck and audits.
 OP_NAMES = ("linear", "matmul", "bmm", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "log_softmax",
-            "softmax", "mean", "top_k_top_p_mask", "rotary_embedding", "write_kv_cache", "attention")
+            "softmax", "mean", "top_k_top_p_mask", "rotary_embedding", "write_kv_cache", "attention",
+            "attention_with_lse", "attention_backward")

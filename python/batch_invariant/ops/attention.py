@@ -94,6 +94,77 @@ define("attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor query_s
        "Tensor block_table, float scale) -> Tensor", _attn_impl, _attn_fake)
 
 
+def _lse_impl(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
+    _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale)
+    fn = backends.kernel("attention_with_lse", q.device)
+    return fn(q.contiguous(), key_cache.contiguous(), value_cache.contiguous(),
+              query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
+              block_table.to(torch.int32).contiguous(), scale)
+
+
+def _lse_fake(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
+    _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:2], dtype=torch.float32))
+
+
+define("attention_with_lse(Tensor q, Tensor key_cache, Tensor value_cache, Tensor query_start_loc, "
+       "Tensor seq_lens, Tensor block_table, float scale) -> (Tensor, Tensor)", _lse_impl, _lse_fake)
+
+
+def _bwd_impl(grad_out, q, key_cache, value_cache, out, lse, query_start_loc, seq_lens, block_table, scale):
+    fn = backends.kernel("attention_backward", q.device)
+    return fn(grad_out.contiguous(), q.contiguous(), key_cache.contiguous(), value_cache.contiguous(),
+              out.contiguous(), lse.contiguous(), query_start_loc.to(torch.int32).contiguous(),
+              seq_lens.to(torch.int32).contiguous(), block_table.to(torch.int32).contiguous(), scale)
+
+
+def _bwd_fake(grad_out, q, key_cache, value_cache, out, lse, query_start_loc, seq_lens, block_table, scale):
+    return torch.empty_like(q), torch.empty_like(key_cache), torch.empty_like(value_cache)
+
+
+define("attention_backward(Tensor grad_out, Tensor q, Tensor key_cache, Tensor value_cache, Tensor out, "
+       "Tensor lse, Tensor query_start_loc, Tensor seq_lens, Tensor block_table, float scale) "
+       "-> (Tensor, Tensor, Tensor)", _bwd_impl, _bwd_fake)
+
+
+# Autograd: FlashAttention-2 style recomputation in a deterministic kernel (no atomics; dk/dv
+# summed over queries in a fixed order), gradients w.r.t. q and both caches.
+
+def _lse_setup(ctx, inputs, output):
+    q, key_cache, value_cache, qsl, seq_lens, block_table, scale = inputs
+    ctx.save_for_backward(q, key_cache, value_cache, output[0], output[1], qsl, seq_lens, block_table)
+    ctx.scale = scale
+
+
+def _lse_backward(ctx, grad_out, grad_lse):
+    q, kc, vc, out, lse, qsl, seq_lens, table = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 7
+    dq, dk, dv = torch.ops.batch_invariant.attention_backward(grad_out, q, kc, vc, out, lse, qsl, seq_lens, table,
+                                                              ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("batch_invariant::attention_with_lse", _lse_backward, setup_context=_lse_setup)
+
+
+def _attn_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.scale = inputs[6]
+
+
+def _attn_backward(ctx, grad_out):
+    q, kc, vc, qsl, seq_lens, table = ctx.saved_tensors
+    out, lse = torch.ops.batch_invariant.attention_with_lse(q, kc, vc, qsl, seq_lens, table, ctx.scale)
+    dq, dk, dv = torch.ops.batch_invariant.attention_backward(grad_out, q, kc, vc, out, lse, qsl, seq_lens, table,
+                                                              ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("batch_invariant::attention", _attn_backward, setup_context=_attn_setup)
+
+
 def write_kv_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
     """Write ``key``/``value`` ``[T, Hk, D]`` into the paged caches at ``slot_mapping`` (in place;
     slots < 0 are skipped, as vLLM pads)."""
@@ -109,8 +180,11 @@ def attention(q, key_cache, value_cache, query_start_loc, seq_lens, block_table,
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.size(-1))
-    return call(torch.ops.batch_invariant.attention, q, key_cache, value_cache, query_start_loc, seq_lens,
-                                               block_table, float(scale))
+    args = (q, key_cache, value_cache, query_start_loc, seq_lens, block_table, float(scale))
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args[:3]):
+        # Same output bits; also keeps the log-sum-exp for the backward pass.
+        return call(torch.ops.batch_invariant.attention_with_lse, *args)[0]
+    return call(torch.ops.batch_invariant.attention, *args)
 
 
 def attention_ref(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale=None):
@@ -139,3 +213,5 @@ def _register_cpu():
     ext = backends.cpu_extension()
     backends.register_kernel("cpu", "write_kv_cache", ext.write_kv_cache)
     backends.register_kernel("cpu", "attention", ext.attention)
+    backends.register_kernel("cpu", "attention_with_lse", ext.attention_with_lse)
+    backends.register_kernel("cpu", "attention_backward", ext.attention_backward)
