@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     demo.add_argument("--hidden", type=int, default=1024)
     info = sub.add_parser("info", help="print the provenance (backend per op, ISA, versions) as JSON")
     info.add_argument("--device", default="cpu")
-    bench = sub.add_parser("bench", help="benchmarks: kernels")
-    bench.add_argument("what", choices=["kernels"])
+    bench = sub.add_parser("bench", help="benchmarks: kernels | trainer (CSV + PNG under bench/results)")
+    bench.add_argument("what", choices=["kernels", "trainer"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     from batch_invariant import models  # stdlib-only at import time
 
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
             return _info(args)
         if args.command == "make-model":
             return _make_model(args)
-        from batch_invariant.bench import kernels
-        return kernels.main(args.rest)
+        import importlib
+        return importlib.import_module(f"batch_invariant.bench.{args.what}").main(args.rest)
     except Exception as exc:  # one clear line, no traceback, for user-facing errors
         print(f"batch-invariant: error: {exc}", file=sys.stderr)
         return 2
