@@ -17,6 +17,9 @@ if [ ! -f "$VENV/.complete" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >&2
   "$VENV/bin/pip" install -q -r "$REQ" >&2
+  # PyPI's builds of these are CUDA-linked and break `import transformers` / `import vllm` next to
+  # the CPU torch (shared/PLATFORM.md); nothing here needs them.
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true
   touch "$VENV/.complete"
 fi
 echo "[setup] building batch-invariant-kernels into $VENV" >&2

@@ -101,3 +101,25 @@ def test_entry_points_declared():
     assert plugins and plugins[0].value == "batch_invariant.vllm_plugin:register"
     scripts = [e for e in entry_points(group="console_scripts") if e.name == "batch-invariant"]
     assert scripts and scripts[0].value == "batch_invariant.cli:main"
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("bi_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() runs only under __main__
+    return module
+
+
+def test_cuda_build_plumbing(monkeypatch):
+    setup = _setup_module()
+    assert setup.cuda_archs_to_flags("8.0;9.0a") == ["-gencode=arch=compute_80,code=sm_80",
+                                                    "-gencode=arch=compute_90a,code=sm_90a"]
+    with pytest.raises(ValueError, match="BATCH_INVARIANT_CUDA_ARCHS"):
+        setup.cuda_archs_to_flags("sm80")
+    monkeypatch.setenv("BATCH_INVARIANT_SKIP_CUDA_BUILD", "1")
+    assert "SKIP_CUDA_BUILD" in setup.cuda_skip_reason(torch)
+    monkeypatch.delenv("BATCH_INVARIANT_SKIP_CUDA_BUILD")
+    if torch.version.cuda is None:
+        assert "CPU build" in setup.cuda_skip_reason(torch)
+    assert 1 <= setup.default_max_jobs() <= (os.cpu_count() or 1)
+    assert setup._load_contract().render_c_header() == bi.contract.render_c_header()
