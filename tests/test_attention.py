@@ -149,3 +149,26 @@ def test_attention_bad_input():
         bi.write_kv_cache(torch.randn(1, 2, 16), torch.randn(1, 2, 16), kc, kc.clone(), torch.tensor([32]))
     with pytest.raises((ValueError, RuntimeError), match="seq_len|query"):
         bi.attention(q, kc, kc, ok["query_start_loc"], torch.tensor([2], dtype=torch.int32), ok["block_table"])
+
+
+def test_strided_engine_cache_views(backend, require):
+    """Caches that are views of one engine buffer ([blocks, 2, block, Hk, D]: K and V interleaved
+    per block) are written and read in place, with the same bits as separate contiguous caches."""
+    require(backend, "attention")
+    lengths = [40, 5]
+    q, k, v = _seqs(lengths, 4, 2, 64, torch.bfloat16, 8)
+    base = _run(T.prefill_schedule(lengths), q, k, v, 16)
+    buf = torch.zeros(8, 2, 16, 2, 64, dtype=torch.bfloat16)
+    kc, vc = buf[:, 0], buf[:, 1]
+    assert not kc.is_contiguous()
+
+    def write(key, value, _kc, _vc, slots):  # redirect the schedule's caches to the shared buffer
+        bi.write_kv_cache(key, value, kc, vc, slots)
+
+    def attend(qq, _kc, _vc, qsl, lens, table, scale):
+        return bi.attention(qq, kc, vc, qsl, lens, table, scale)
+
+    outs = T.attention_schedule(attend, write, q, k, v, T.prefill_schedule(lengths), block_size=16)
+    for a, b in zip(outs, base):
+        assert T.bits_equal(a, b)
+    assert bool(buf.abs().sum() > 0)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import backends
-from ._common import call, check_same_device, check_same_dtype, check_tensor, define, describe
+from ._common import call, check_same_device, check_same_dtype, check_tensor, define, describe, inner_contiguous
 
 _INDEX = (torch.int32, torch.int64)
 
@@ -35,14 +35,14 @@ def _check_kv(key, value, key_cache, value_cache, slot_mapping):
     if slot_mapping.size(0) != key.size(0):
         raise ValueError(f"slot_mapping ({describe(slot_mapping)}) needs one slot per token ({key.size(0)})")
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (it is written in place), got strides {t.stride()}")
+        if t.stride(-1) != 1:  # any block/token/head strides are fine (engine views of a shared buffer)
+            raise ValueError(f"{name} must have a contiguous last dim (it is written in place), got strides {t.stride()}")
 
 
 def _write_impl(key, value, key_cache, value_cache, slot_mapping):
     _check_kv(key, value, key_cache, value_cache, slot_mapping)
-    backends.kernel("write_kv_cache", key.device)(key.contiguous(), value.contiguous(), key_cache, value_cache,
-                                                    slot_mapping.long().contiguous())
+    backends.kernel("write_kv_cache", key.device)(inner_contiguous(key), inner_contiguous(value), key_cache,
+                                                    value_cache, slot_mapping.long().contiguous())
 
 
 def _write_fake(key, value, key_cache, value_cache, slot_mapping):
@@ -80,7 +80,7 @@ def _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_tabl
 def _attn_impl(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
     _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale)
     fn = backends.kernel("attention", q.device)
-    return fn(q.contiguous(), key_cache.contiguous(), value_cache.contiguous(),
+    return fn(inner_contiguous(q), inner_contiguous(key_cache), inner_contiguous(value_cache),
               query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
               block_table.to(torch.int32).contiguous(), scale)
 
@@ -97,7 +97,7 @@ define("attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor query_s
 def _lse_impl(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
     _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale)
     fn = backends.kernel("attention_with_lse", q.device)
-    return fn(q.contiguous(), key_cache.contiguous(), value_cache.contiguous(),
+    return fn(inner_contiguous(q), inner_contiguous(key_cache), inner_contiguous(value_cache),
               query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
               block_table.to(torch.int32).contiguous(), scale)
 
