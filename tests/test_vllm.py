@@ -209,6 +209,18 @@ for name, (path, kwargs, env) in cases.items():
         out[name] = f"{type(exc).__name__}: {exc}"
     for key in env:
         os.environ.pop(key)
+from vllm import SamplingParams
+llm = LLM(model, max_model_len=512, logprobs_mode="processed_logprobs")
+bad = {"penalty": {"presence_penalty": 0.5}, "logit_bias": {"logit_bias": {5: 1.0}}, "min_p": {"min_p": 0.1},
+       "min_tokens": {"min_tokens": 2}, "bad_words": {"bad_words": ["x"]}}
+for name, kw in bad.items():
+    try:
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **kw), use_tqdm=False)
+        out["request_" + name] = "STARTED"
+    except Exception as exc:
+        out["request_" + name] = f"{type(exc).__name__}: {exc}"
+out["request_ok"] = len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.8, top_k=5),
+                                     use_tqdm=False)[0].outputs[0].token_ids)
 print(json.dumps(out))
 """
 
@@ -229,6 +241,9 @@ def test_fail_closed_configurations(models, tmp_path):
     expected = {"vllm_batch_invariant": "VLLM_BATCH_INVARIANT", "kv_cache_dtype": "kv_cache_dtype", "lora": "LoRA",
                 "tensor_parallel": "tensor_parallel_size", "sliding_window": "sliding",
                 "speculative": "speculative"}
+    expected.update({"request_penalty": "penalties", "request_logit_bias": "logit_bias", "request_min_p": "min_p",
+                     "request_min_tokens": "min_tokens", "request_bad_words": "bad_words"})
+    assert out["request_ok"] == 2, "a supported request must still be served after rejected ones"
     for name, cause in expected.items():
         assert out[name] != "STARTED", f"{name}: the engine started with BATCH_INVARIANT=1"
         assert cause.lower() in out[name].lower(), f"{name}: error does not name the cause: {out[name][:300]}"

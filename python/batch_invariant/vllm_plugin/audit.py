@@ -78,3 +78,29 @@ def audit_model(model: torch.nn.Module, rules, checks) -> None:
     if bad:
         raise BatchInvariantUnsupported("BATCH_INVARIANT=1: these layers are not batch-invariant implementations, "
                                         "refusing to serve: " + "; ".join(bad[:20]))
+
+
+PROCESSED_MODES = ("processed_logprobs", "processed_logits")
+
+
+def check_sampling_params(params, logprobs_mode: str) -> None:
+    """Per request, in processed mode: refuse sampling options whose effect on the logits the
+    trainer's ``token_logprobs`` does not reproduce (raises ValueError: the request is rejected,
+    the engine keeps serving)."""
+    if logprobs_mode not in PROCESSED_MODES:
+        return  # raw logprobs come from the raw logits, whatever the sampling options
+    problems = []
+    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+        problems.append("presence/frequency/repetition penalties")
+    for name in ("logit_bias", "bad_words", "allowed_token_ids"):
+        if getattr(params, name, None):
+            problems.append(name)
+    if params.min_p:
+        problems.append("min_p")
+    if params.min_tokens:
+        problems.append("min_tokens")
+    if getattr(params, "structured_outputs", None) is not None:
+        problems.append("structured output")
+    if problems:
+        raise ValueError(f"BATCH_INVARIANT=1 with logprobs_mode={logprobs_mode!r}: {', '.join(problems)} change the "
+                         "processed logprobs in ways the trainer does not reproduce; not supported")

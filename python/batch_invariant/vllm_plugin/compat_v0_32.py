@@ -41,6 +41,7 @@ _REQUIRED = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._bookkeeping_sync", None),
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", ("self", "load_dummy_weights")),
     ("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", ("vllm_config",)),
+    ("vllm.v1.engine.input_processor", "InputProcessor._validate_params", ("self", "params", "supported_tasks")),
 ]
 
 
@@ -93,6 +94,7 @@ def install() -> None:
     topk_mod.TopKTopPSampler.forward_cpu = sampler.make_forward_cpu(topk_mod.TopKTopPSampler.forward_cpu)
 
     _wrap_config_check(CpuPlatform, audit)
+    _wrap_request_check(audit)
     _wrap_load_model(CPUModelRunner, audit, layers)
     _fix_seeded_chunked_prefill(GPUModelRunner)
 
@@ -106,6 +108,22 @@ def _wrap_config_check(platform_cls, audit) -> None:
         audit.check_config(vllm_config)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _wrap_request_check(audit) -> None:
+    from vllm import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor._validate_params
+
+    @functools.wraps(original)
+    def _validate_params(self, params, supported_tasks, *args, **kwargs):
+        result = original(self, params, supported_tasks, *args, **kwargs)
+        if isinstance(params, SamplingParams):
+            audit.check_sampling_params(params, self.model_config.logprobs_mode)
+        return result
+
+    InputProcessor._validate_params = _validate_params
 
 
 def audit_rules(layers):
