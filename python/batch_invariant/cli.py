@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     demo.add_argument("--hidden", type=int, default=1024)
     info = sub.add_parser("info", help="print the provenance (backend per op, ISA, versions) as JSON")
     info.add_argument("--device", default="cpu")
-    bench = sub.add_parser("bench", help="benchmarks: kernels | trainer (CSV + PNG under bench/results)")
-    bench.add_argument("what", choices=["kernels", "trainer"])
+    bench = sub.add_parser("bench", help="benchmarks: kernels | trainer | e2e (CSV + PNG under bench/results)")
+    bench.add_argument("what", choices=["kernels", "trainer", "e2e"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     from batch_invariant import models  # stdlib-only at import time
 
