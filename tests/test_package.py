@@ -91,8 +91,14 @@ def test_vllm_plugin_entry_point_is_noop_without_flag():
     out = _python("import os; os.environ.pop('BATCH_INVARIANT', None)\n"
                   "from batch_invariant.vllm_plugin import register; register(); register(); print('ok')")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-    out = _python("from batch_invariant.vllm_plugin import register; register()", env={"BATCH_INVARIANT": "1"})
-    assert out.returncode != 0 and "BATCH_INVARIANT" in out.stderr
+    if importlib.util.find_spec("vllm") is None:
+        return
+    code = ("import batch_invariant.vllm_plugin as p; p.register(); p.register()\n"
+            "from vllm.v1.sample.sampler import Sampler\n"
+            "print(p._registered, Sampler.compute_logprobs.__module__)")
+    out = _python(code, cwd=Path.home(), env={"BATCH_INVARIANT": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "batch_invariant.vllm_plugin.sampler"]
 
 
 def test_entry_points_declared():
