@@ -1,7 +1,7 @@
-"""Command line: ``batch-invariant demo | info | bench | make-model``.
+"""Command line: ``batch-invariant demo | parity | rl-demo | bench | make-model | kernels-demo | info``.
 
-The vLLM end-to-end demo and the parity checker come with the CLI issue; today's
-``demo`` shows the kernel-level problem and fix on this machine.
+``demo`` runs vLLM with and without BATCH_INVARIANT=1 on the embedded default model and checks
+trainer parity; ``kernels-demo`` shows the kernel-level problem and fix without vLLM.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import sys
 
 
-def _demo(args) -> int:
+def _kernels_demo(args) -> int:
     import torch
     import torch.nn.functional as F
 
@@ -38,6 +38,24 @@ def _demo(args) -> int:
     return 0 if bad_bi == 0 else 1
 
 
+def _parity(args) -> int:
+    from batch_invariant import parity
+
+    report = parity.parity(args.model, scenarios=args.scenarios.split(","), num_prompts=args.prompts,
+                           max_tokens=args.max_tokens, mode=args.mode, dtype=args.dtype)
+    for name, s in report["scenarios"].items():
+        print(f"{name:<8} tokens {s.get('tokens', 0):>6}  mismatches {s.get('mismatches', 0):>5}  "
+              f"max|diff| {s.get('max_abs_diff', 0.0):.3g}  invariance mismatches {s.get('invariance_mismatches', 0)}")
+    eng = (report["provenance"].get("engine") or {})
+    print(f"engine backend {eng.get('ops', {}).get('linear')} ISA {(eng.get('cpu_isa') or {}).get('active')}; "
+          f"trainer backend {report['provenance']['trainer']['ops'].get('linear')}")
+    print("OK: bitwise parity" if report["ok"] else f"MISMATCH: {report['first_divergence']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0 if report["ok"] else 1
+
+
 def _info(args) -> int:
     import batch_invariant as bi
 
@@ -57,8 +75,24 @@ def _make_model(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="batch-invariant", description="batch-invariant kernels for vLLM and a matching trainer")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="show batch variance of torch vs batch_invariant on this machine")
-    demo.add_argument("--hidden", type=int, default=1024)
+    from batch_invariant import demo as demo_mod
+
+    demo = sub.add_parser("demo", help="vLLM with and without BATCH_INVARIANT=1 + trainer parity (default model)")
+    demo_mod.add_arguments(demo)
+    from batch_invariant import rl_demo
+
+    rl = sub.add_parser("rl-demo", help="GRPO loop: vLLM samples, the trainer learns, KL exactly 0 every step")
+    rl_demo.add_arguments(rl)
+    kd = sub.add_parser("kernels-demo", help="torch vs batch_invariant linear, row alone vs in batches (no vLLM)")
+    kd.add_argument("--hidden", type=int, default=1024)
+    par = sub.add_parser("parity", help="engine (BATCH_INVARIANT=1) vs trainer parity on a local HF checkpoint")
+    par.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    par.add_argument("--prompts", type=int, default=32)
+    par.add_argument("--max-tokens", type=int, default=16)
+    par.add_argument("--scenarios", default="batch,needle,long,prefix", help="comma list of batch,needle,long,prefix")
+    par.add_argument("--mode", default="raw", choices=["raw", "processed"], help="logprobs mode")
+    par.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    par.add_argument("--json", default=None, help="write the report (schema: docs/parity.md)")
     info = sub.add_parser("info", help="print the provenance (backend per op, ISA, versions) as JSON")
     info.add_argument("--device", default="cpu")
     bench = sub.add_parser("bench", help="benchmarks: kernels | trainer | e2e (CSV + PNG under bench/results)")
@@ -79,7 +113,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            return _demo(args)
+            return demo_mod.main(args)
+        if args.command == "rl-demo":
+            return rl_demo.main(args)
+        if args.command == "kernels-demo":
+            return _kernels_demo(args)
+        if args.command == "parity":
+            return _parity(args)
         if args.command == "info":
             return _info(args)
         if args.command == "make-model":

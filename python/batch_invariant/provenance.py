@@ -43,7 +43,7 @@ def provenance(device: str | torch.device = "cpu") -> dict:
         "configured_backend": backends.get_backend(),
         "ops": per_op,
         "cpu_isa": cpu_isa,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "triton": _version("triton") if importlib.util.find_spec("triton") else None,
         "cuda_extension_built": importlib.util.find_spec("batch_invariant._cuda") is not None,
     }

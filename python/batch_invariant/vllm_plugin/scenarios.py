@@ -111,6 +111,9 @@ def run(spec: dict) -> dict:
         else:
             raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
         results[name] = res
+    import batch_invariant as bi
+
+    results["_provenance"] = bi.provenance()
     return results
 
 
