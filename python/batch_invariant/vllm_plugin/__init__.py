@@ -74,6 +74,30 @@ class WorkerExtension:
         return {n: params[n].detach().clone() for n in names}
 
 
+    def bi_activation_dump(self, enable: bool):
+        """Start (True) or stop (False) recording every decoder layer's and the final norm's
+        outputs; stopping returns {module name: [per-step outputs]} (each a tuple of tensors).
+        Forward hooks fire only in eager mode (enforce_eager=True): compiled graphs skip them."""
+        model = self.model_runner.model
+        if enable:
+            self._bi_dump, self._bi_hooks = {}, []
+            for name, module in model.named_modules():
+                if type(module).__name__.endswith("DecoderLayer") or name.endswith("model.norm"):
+                    self._bi_hooks.append(module.register_forward_hook(_recorder(self._bi_dump, name)))
+            return None
+        for hook in getattr(self, "_bi_hooks", []):
+            hook.remove()
+        dump, self._bi_dump, self._bi_hooks = getattr(self, "_bi_dump", {}), {}, []
+        return dump
+
+
+def _recorder(store: dict, name: str):
+    def hook(module, inputs, output):
+        outs = output if isinstance(output, tuple) else (output,)
+        store.setdefault(name, []).append(tuple(o.detach().clone() for o in outs if o is not None))
+    return hook
+
+
 WORKER_EXTENSION = f"{__name__}.WorkerExtension"
 
 

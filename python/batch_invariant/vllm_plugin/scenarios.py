@@ -15,7 +15,7 @@ import os
 import random
 import sys
 
-SCENARIOS = ("batch", "needle", "long", "prefix", "update")
+SCENARIOS = ("batch", "needle", "long", "prefix", "update", "dump")
 
 
 def _prompts(n, lo, hi, vocab, seed):
@@ -108,6 +108,11 @@ def run(spec: dict) -> dict:
                     new.update(load_file(os.path.join(spec["update_from"], f)))
             update_weights(llm, new)
             res["after"] = _generate(llm, prompts, params)
+        elif name == "dump":
+            # per-layer activations of one token sequence, prefilled alone (engine must be eager)
+            llm.collective_rpc("bi_activation_dump", args=(True,))
+            res["record"] = _generate(llm, [spec["dump_tokens"]], _params("greedy", 1, 1))
+            res["activations"] = llm.collective_rpc("bi_activation_dump", args=(False,))[0]
         else:
             raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
         results[name] = res
