@@ -3,27 +3,12 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "dispatch.h"
 #include "launchers.h"
 #include "kernels/activation.h"
 
 namespace bi {
 namespace cpu {
-namespace {
-
-template <typename T> struct Tag { using type = T; };
-
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kBFloat16: f(Tag<bf16_t>{}); break;
-    case at::kHalf: f(Tag<fp16_t>{}); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", st);
-  }
-}
-
-}  // namespace
-
 at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device(), " (shape ", x.sizes(),
               ", dtype ", x.scalar_type(), ")");

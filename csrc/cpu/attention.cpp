@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "kernels/attention.h"
+#include "dispatch.h"
 #include "launchers.h"
 
 namespace bi {
@@ -22,19 +23,6 @@ namespace {
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
-
-template <typename F>
-void dispatch_dtype(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(bf16_t{}); break;
-    case at::kHalf: f(fp16_t{}); break;
-    default: TORCH_CHECK(false, "bi::cpu attention: unsupported dtype ", t);
-  }
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 }  // namespace
 
@@ -74,8 +62,8 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, const at::Te
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(sl[t] < nslots, "write_kv_cache: slot_mapping[", t, "] = ", sl[t],
                 " out of range for a cache of ", NB, " blocks x ", BS, " slots");
-  dispatch_dtype(dt, [&](auto tag) {
-    using E = decltype(tag);
+  dispatch_float(dt, [&](auto tag) {
+    using E = typename decltype(tag)::type;
     attn::KvWrite<E> w{ptr<E>(key), key.stride(0), key.stride(1),
                        ptr<E>(value), value.stride(0), value.stride(1),
                        ptr<E>(key_cache), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -213,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at:
   const bool use_avx = active_isa() != Isa::kPortable && BI_X86;
   const float fscale = static_cast<float>(scale);
 
-  dispatch_dtype(dt, [&](auto tag) {
-    using E = decltype(tag);
+  dispatch_float(dt, [&](auto tag) {
+    using E = typename decltype(tag)::type;
     attn::Problem<E> P;
     P.q = ptr<E>(q); P.q_st = q.stride(0); P.q_sh = q.stride(1);
     P.kc = ptr<E>(key_cache); P.kc_sb = key_cache.stride(0); P.kc_ss = key_cache.stride(1); P.kc_sh = key_cache.stride(2);

@@ -12,25 +12,13 @@
 
 #include "common.h"
 #include "kernels/attention_bwd.h"
+#include "dispatch.h"
 #include "launchers.h"
 
 namespace bi {
 namespace cpu {
 
 namespace {
-
-template <typename F>
-void dispatch_dtype(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(bf16_t{}); break;
-    case at::kHalf: f(fp16_t{}); break;
-    default: TORCH_CHECK(false, "attention_backward: unsupported dtype ", t);
-  }
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 // Runs f(item, scratch) over items (longest first, handed out dynamically). Only the assignment of
 // items to threads varies; each item's arithmetic is fixed.
@@ -197,8 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                    [&](const attn_bwd::Item2& a, const attn_bwd::Item2& b) { return cost2(a) > cost2(b); });
 
   const bool use_avx = active_isa() != Isa::kPortable && BI_X86;
-  dispatch_dtype(dt, [&](auto tag) {
-    using E = decltype(tag);
+  dispatch_float(dt, [&](auto tag) {
+    using E = typename decltype(tag)::type;
     attn_bwd::Problem<E> P;
     P.q = ptr<E>(q); P.q_st = q.stride(0); P.q_sh = q.stride(1);
     P.dout = ptr<E>(grad_out); P.do_st = grad_out.stride(0); P.do_sh = grad_out.stride(1);

@@ -3,24 +3,13 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "dispatch.h"
 #include "launchers.h"
 #include "kernels/norm.h"
 
 namespace bi {
 namespace cpu {
 namespace {
-
-template <typename T> struct Tag { using type = T; };
-
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kBFloat16: f(Tag<bf16_t>{}); break;
-    case at::kHalf: f(Tag<fp16_t>{}); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", st);
-  }
-}
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device(), " (shape ",

@@ -4,22 +4,13 @@
 
 #include "common.h"
 #include "kernels/rope.h"
+#include "dispatch.h"
 #include "launchers.h"
 
 namespace bi {
 namespace cpu {
 
 namespace {
-
-template <typename F>
-void rope_dispatch(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(bf16_t{}); break;
-    case at::kHalf: f(fp16_t{}); break;
-    default: TORCH_CHECK(false, "rotary_embedding: unsupported dtype ", t);
-  }
-}
 
 // View x ([T, H*hs] or [T, H, hs]) as (t stride, head stride, H); inner dim must be contiguous.
 struct Layout { int64_t st, sh, H; };
@@ -69,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& positions,
   at::Tensor k_out = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   if (T == 0) return {q_out, k_out};
   const bool avx = is_neox && active_isa() != Isa::kPortable && BI_X86;
-  rope_dispatch(dt, [&](auto tag) {
-    using E = decltype(tag);
+  dispatch_float(dt, [&](auto tag) {
+    using E = typename decltype(tag)::type;
     rope::Rope<E> R{pos, cache_c.data_ptr<float>(), cache_c.stride(0), int(rot_dim), int(head_size), is_neox};
     const E* qp = reinterpret_cast<const E*>(q.data_ptr());
     const E* kp = reinterpret_cast<const E*>(k.data_ptr());

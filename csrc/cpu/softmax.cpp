@@ -6,24 +6,13 @@
 #include <vector>
 
 #include "common.h"
+#include "dispatch.h"
 #include "launchers.h"
 #include "kernels/softmax.h"
 
 namespace bi {
 namespace cpu {
 namespace {
-
-template <typename T> struct Tag { using type = T; };
-
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kBFloat16: f(Tag<bf16_t>{}); break;
-    case at::kHalf: f(Tag<fp16_t>{}); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", st);
-  }
-}
 
 void check_input(const at::Tensor& x, at::ScalarType out_dtype, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device(), " (shape ",

@@ -77,12 +77,16 @@ def _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_tabl
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
 
 
-def _attn_impl(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
+def _run_attention(kernel, q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
     _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale)
-    fn = backends.kernel("attention", q.device)
+    fn = backends.kernel(kernel, q.device)
     return fn(inner_contiguous(q), inner_contiguous(key_cache), inner_contiguous(value_cache),
               query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
               block_table.to(torch.int32).contiguous(), scale)
+
+
+def _attn_impl(*args):
+    return _run_attention("attention", *args)
 
 
 def _attn_fake(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
@@ -94,12 +98,8 @@ define("attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor query_s
        "Tensor block_table, float scale) -> Tensor", _attn_impl, _attn_fake)
 
 
-def _lse_impl(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
-    _check_attn(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale)
-    fn = backends.kernel("attention_with_lse", q.device)
-    return fn(inner_contiguous(q), inner_contiguous(key_cache), inner_contiguous(value_cache),
-              query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
-              block_table.to(torch.int32).contiguous(), scale)
+def _lse_impl(*args):
+    return _run_attention("attention_with_lse", *args)
 
 
 def _lse_fake(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, scale):
