@@ -233,7 +233,9 @@ def plot(rows, path, title):
                 ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("generated tokens/s")
-    ax.legend(loc="lower right")
+    top = max(max(r["gen_tokens_per_s"], r["baseline_gen_tokens_per_s"]) for r in ours)
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(loc="upper center", ncol=2)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -255,17 +257,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.max_tokens < 1 or args.repeats < 1:
         parser.error("--prompts, --max-tokens and --repeats must be >= 1")
-    if args.model is None:
-        from batch_invariant.models import default_model_dir, make_model
-
-        args.model = str(make_model(default_model_dir("llama", "small"), arch="llama", size="small"))
-    if args.worker:
-        return worker(args)
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    if args.model is None:
+        from batch_invariant.models import default_model_dir, make_model
+
+        args.model = str(make_model(default_model_dir("llama", "small"), arch="llama", size="small"))
+    args.model = os.path.abspath(args.model)
+    if args.worker:
+        return worker(args)
+
     os.makedirs(args.out, exist_ok=True)
     load = os.getloadavg()[0]
     if load > 0.5:

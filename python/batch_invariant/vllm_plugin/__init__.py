@@ -64,6 +64,9 @@ class WorkerExtension:
         gate/up). Our linear layers read the raw weights directly, so nothing needs repacking."""
         import torch
 
+        if not _registered:
+            raise RuntimeError("bi_load_weights needs BATCH_INVARIANT=1 in the engine: stock CPU linears use "
+                               "prepacked copies of the weights that an in-place update would not reach")
         with torch.no_grad():
             loaded = self.model_runner.model.load_weights(list(named_tensors.items()))
         return len(loaded) if loaded is not None else len(named_tensors)

@@ -12,6 +12,7 @@ import torch
 from ..trainer.config import ModelConfig, UnsupportedModelError
 from .layers import BatchInvariantUnsupported
 
+ENGINE_ROPE_TYPES = ("default", "llama3")  # rotary classes with a batch-invariant replacement (layers.py)
 SUPPORTED_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
 
 
@@ -24,7 +25,11 @@ def check_config(vllm_config) -> None:
     model = vllm_config.model_config
     if model is not None:
         try:
-            ModelConfig.from_dict(model.hf_config.to_dict())  # the trainer's rules: arch, MoE, window, rope
+            cfg = ModelConfig.from_dict(model.hf_config.to_dict())  # the trainer's rules: arch, MoE, window, rope
+            kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
+            if kind not in ENGINE_ROPE_TYPES:
+                problems.append(f"rope scaling {kind!r} (the engine serves {', '.join(ENGINE_ROPE_TYPES)}; "
+                                "the trainer supports more)")
         except (UnsupportedModelError, KeyError) as exc:
             problems.append(f"model: {exc}")
         if getattr(model, "quantization", None):
@@ -87,6 +92,10 @@ def check_sampling_params(params, logprobs_mode: str) -> None:
     """Per request, in processed mode: refuse sampling options whose effect on the logits the
     trainer's ``token_logprobs`` does not reproduce (raises ValueError: the request is rejected,
     the engine keeps serving)."""
+    if getattr(params, "structured_outputs", None) is not None:
+        # the grammar mask is applied to the logits before any logprob is taken, in every mode
+        raise ValueError("BATCH_INVARIANT=1: structured output masks the logits in ways the trainer does not "
+                         "reproduce; not supported")
     if logprobs_mode not in PROCESSED_MODES:
         return  # raw logprobs come from the raw logits, whatever the sampling options
     problems = []
@@ -99,8 +108,6 @@ def check_sampling_params(params, logprobs_mode: str) -> None:
         problems.append("min_p")
     if params.min_tokens:
         problems.append("min_tokens")
-    if getattr(params, "structured_outputs", None) is not None:
-        problems.append("structured output")
     if problems:
         raise ValueError(f"BATCH_INVARIANT=1 with logprobs_mode={logprobs_mode!r}: {', '.join(problems)} change the "
                          "processed logprobs in ways the trainer does not reproduce; not supported")

@@ -148,7 +148,13 @@ def audit_rules(layers):
     def method(expected):
         return lambda m: None if type(m.quant_method) is expected else f"method {type(m.quant_method).__name__}"
 
+    def logits_check(m):
+        if getattr(m, "scale", 1.0) != 1.0 or getattr(m, "soft_cap", None) is not None:
+            return f"logit scale {m.scale} / soft-cap {m.soft_cap} (the trainer does not apply them)"
+        return None
+
     checks = {
+        layers.BILogitsProcessor: logits_check,
         LinearBase: method(layers.BILinearMethod),
         VocabParallelEmbedding: method(layers.BIEmbeddingMethod),
         Attention: lambda m: None if type(m.impl) is BIAttentionImpl else f"attention impl {type(m.impl).__name__}",
