@@ -33,7 +33,7 @@ def main(args) -> int:
     model_dir = make_model(default_model_dir(args.arch, args.size), arch=args.arch, size=args.size)
     _done(t0)
     common = dict(scenarios=["batch"], sampling=["greedy", "seeded"], num_prompts=args.prompts,
-                  max_tokens=args.max_tokens, engine={"dtype": "bfloat16"})
+                  max_tokens=args.max_tokens, engine={"dtype": "bfloat16"}, progress=True)
     t0 = _step(2, n, "vLLM without the flag: each prompt alone, then all batched")
     off = parity.run_engine(model_dir, flag=False, **common)
     _done(t0)

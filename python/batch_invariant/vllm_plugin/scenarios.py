@@ -45,10 +45,19 @@ def _params(kind, n, max_tokens, seed0=1000):
     raise ValueError(kind)
 
 
-def _generate(llm, prompts, params):
+def _generate(llm, prompts, params, progress=False):
     from vllm.inputs import TokensPrompt
 
-    return _records(llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False))
+    return _records(llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=progress))
+
+
+def _alone(llm, prompts, params, progress, label):
+    """Each prompt in its own generate call (batch of one)."""
+    pairs = list(zip(prompts, params))
+    if progress:
+        from tqdm import tqdm
+        pairs = tqdm(pairs, desc=label, unit="prompt")
+    return [_generate(llm, [p], [sp])[0] for p, sp in pairs]
 
 
 def run(spec: dict) -> dict:
@@ -63,6 +72,7 @@ def run(spec: dict) -> dict:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     kinds = spec.get("sampling", ["greedy", "seeded"])
     max_tokens = int(spec.get("max_tokens", 16))
+    progress = bool(spec.get("progress", False))
     results: dict = {}
     for name in spec["scenarios"]:
         res = {}
@@ -70,8 +80,8 @@ def run(spec: dict) -> dict:
             prompts = _prompts(int(spec.get("num_prompts", 32)), 4, 80, vocab, 1)
             for kind in kinds:
                 params = _params(kind, len(prompts), max_tokens)
-                res[f"{kind}/batched"] = _generate(llm, prompts, params)
-                res[f"{kind}/alone"] = [_generate(llm, [p], [sp])[0] for p, sp in zip(prompts, params)]
+                res[f"{kind}/batched"] = _generate(llm, prompts, params, progress)
+                res[f"{kind}/alone"] = _alone(llm, prompts, params, progress, f"{kind}, one at a time")
         elif name == "needle":
             needle = _prompts(1, 40, 41, vocab, 7)[0]
             fillers = _prompts(64, 2, 200, vocab, 8)
