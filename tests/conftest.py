@@ -5,7 +5,13 @@
 * pytest runs with --import-mode=importlib (pyproject.toml), so the repository root is never on
   sys.path and the folder triton_kernels/ cannot shadow the `triton_kernels` package vLLM probes.
 * `backend` fixtures are parametrised over every backend and skip, with the reason, when a
-  backend has no kernel for the op here (decided at run time from the registry).
+  backend has no kernel for the op here (decided at run time from the registry). Under the
+  interpreter the Triton backend is tested by tests/triton/ at interpreter-sized shapes (the
+  shared files' shapes are sized for compiled kernels), with the same property functions
+  (batch_invariant.testing); on a GPU (BATCH_INVARIANT_TEST_DEVICE=cuda) tests/triton/ runs
+  them at GPU sizes on CUDA tensors.
+* Under the interpreter, `tl.dot` is patched for the whole session (test-only, reversible):
+  bf16 widened to fp32 and k summed in a fixed order (triton_kernels/interpreter.py).
 """
 from __future__ import annotations
 
@@ -39,6 +45,18 @@ def device() -> torch.device:
     return selected_device()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _interpreter_exact_dot():
+    """Test-only: the interpreter's tl.dot gets bf16 wrong and sums in a shape-dependent order."""
+    if not backends.triton_interpreting() or backends.backend_unavailable_reason("triton", "cpu") is not None:
+        yield
+        return
+    from batch_invariant.triton_kernels.interpreter import exact_dot
+
+    with exact_dot():
+        yield
+
+
 @pytest.fixture(params=backends.BACKEND_NAMES)
 def backend(request):
     """Runs the test under each backend; skips a backend that cannot run here."""
@@ -46,9 +64,29 @@ def backend(request):
     reason = backends.backend_unavailable_reason(name, selected_device().type)
     if reason is not None:
         pytest.skip(f"backend {name}: {reason}")
+    if name == "triton" and selected_device().type == "cpu":
+        pytest.skip("backend triton under the interpreter: tests/triton/ runs this suite at interpreter-sized shapes")
     bi.set_backend(name)
     yield name
     bi.set_backend(None)
+
+
+@pytest.fixture
+def triton_device():
+    """For tests/triton/: selects the triton backend and yields the device its tensors go on
+    (CUDA with BATCH_INVARIANT_TEST_DEVICE=cuda, else CPU under the interpreter)."""
+    device = selected_device()
+    reason = backends.backend_unavailable_reason("triton", device.type)
+    if reason is not None:
+        pytest.skip(f"backend triton: {reason}")
+    bi.set_backend("triton")
+    yield device
+    bi.set_backend(None)
+
+
+def interpreted(device: torch.device) -> bool:
+    """True when Triton kernels run in the (slow) interpreter: tests use small shapes then."""
+    return device.type == "cpu"
 
 
 def require_kernel(backend_name: str, op: str) -> None:

@@ -61,6 +61,23 @@ def test_backend_selection_env_and_api():
     assert "TRITON_INTERPRET" in out.stdout or "pip install" in out.stdout
 
 
+def test_auto_backend_by_device(monkeypatch):
+    """auto: CPU tensors -> cpu (even under the interpreter); CUDA tensors -> the CUDA extension
+    when built, else triton. Decided from what is installed, without touching a GPU."""
+    assert backends.triton_interpreting()  # conftest: the interpreter is on, and still...
+    assert backends.resolve(torch.device("cpu")) == "cpu"
+    resolve = backends._resolve.__wrapped__
+    real = backends.backend_unavailable_reason
+    monkeypatch.setattr(backends, "backend_unavailable_reason",
+                        lambda name, dev: "not built" if name == "cuda" else real(name, dev))
+    if importlib.util.find_spec("triton") is not None:
+        assert resolve("auto", "cuda") == "triton"
+    monkeypatch.setattr(backends, "backend_unavailable_reason", lambda name, dev: None)
+    assert resolve("auto", "cuda") == "cuda"
+    with pytest.raises(bi.BackendUnavailableError, match="no backend for"):
+        resolve("auto", "mps")
+
+
 def test_backend_never_chosen_by_shape():
     for shape in ((1, 8), (4096, 8)):
         assert backends.resolve(torch.empty(shape).device) == "cpu"

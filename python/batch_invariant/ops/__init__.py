@@ -15,7 +15,29 @@ def _load_cpu_kernels() -> None:
 
 backends.register_loader("cpu", _load_cpu_kernels)
 
+#: Modules of batch_invariant.triton_kernels; each exports KERNELS = {kernel name: launcher}
+#: with the signatures of the CPU extension's functions of the same names.
+TRITON_MODULES = ("matmul", "norm", "softmax", "elementwise", "sampling", "attention", "attention_bwd")
+
+
+def _load_triton_kernels() -> None:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise backends.BackendUnavailableError("the triton backend needs Triton (`pip install 'triton>=3.6'`)")
+    for name in TRITON_MODULES:
+        module = importlib.import_module(f"batch_invariant.triton_kernels.{name}")
+        for op, fn in module.KERNELS.items():
+            backends.register_kernel("triton", op, fn)
+
+
+backends.register_loader("triton", _load_triton_kernels)
+
 #: Every custom op this package defines (name -> OpOverloadPacket), for opcheck and audits.
 OP_NAMES = ("linear", "matmul", "bmm", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "log_softmax",
             "softmax", "mean", "top_k_top_p_mask", "rotary_embedding", "write_kv_cache", "attention",
             "attention_with_lse", "attention_backward")
+
+#: The backend kernel each op runs (the same name, except where ops share a kernel).
+KERNEL_OF = {op: {"matmul": "linear", "bmm": "bmm_nt"}.get(op, op) for op in OP_NAMES}

@@ -46,12 +46,16 @@ def register() -> None:
     import batch_invariant.ops  # noqa: F401
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    if current_platform.is_cpu():
+        device_type = "cpu"
+    elif current_platform.is_cuda():
+        device_type = "cuda"  # Triton backend (CUDA extension when built); see attention_cuda.py
+    else:
         from .layers import BatchInvariantUnsupported
         raise BatchInvariantUnsupported(
-            "BATCH_INVARIANT=1: the vLLM plugin is verified on the CPU platform only so far "
-            f"(this is {current_platform.device_name!r}); GPU serving comes with the Triton/CUDA backends")
-    _compat_module().install()
+            f"BATCH_INVARIANT=1: the vLLM plugin runs on the CPU and CUDA platforms only (this is "
+            f"{current_platform.device_name!r})")
+    _compat_module().install(device_type)
     _registered = True
     logger.info("batch_invariant: vLLM plugin active (BATCH_INVARIANT=1)")
 

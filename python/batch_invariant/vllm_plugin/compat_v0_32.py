@@ -44,6 +44,23 @@ _REQUIRED = [
     ("vllm.v1.engine.input_processor", "InputProcessor._validate_params", ("self", "params", "supported_tasks")),
 ]
 
+# Only on the CUDA platform (these modules are not imported on CPU).
+_REQUIRED_CUDA = [
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl.forward",
+     ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+      "output_block_scale")),
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl.do_kv_cache_update",
+     ("self", "layer", "key", "value", "kv_cache", "slot_mapping")),
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl.fused_rope_kvcache_supported", ("self",)),
+    ("vllm.v1.sample.ops.topk_topp_sampler", "TopKTopPSampler.forward_cuda",
+     ("self", "logits", "generators", "k", "p")),
+    ("vllm.v1.sample.ops.topk_topp_sampler", "TopKTopPSampler.forward_native",
+     ("self", "logits", "generators", "k", "p")),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", ("self",)),
+    ("vllm.platforms.cuda", "CudaPlatformBase.check_and_update_config", ("vllm_config",)),
+    ("vllm.config.compilation", "CUDAGraphMode", None),
+]
+
 
 def _resolve(module: str, attr: str):
     obj = importlib.import_module(module)
@@ -52,9 +69,9 @@ def _resolve(module: str, attr: str):
     return obj
 
 
-def check_symbols() -> None:
+def check_symbols(required=None) -> None:
     problems = []
-    for module, attr, params in _REQUIRED:
+    for module, attr, params in (_REQUIRED if required is None else required):
         try:
             obj = _resolve(module, attr)
         except (ImportError, AttributeError) as exc:
@@ -69,8 +86,11 @@ def check_symbols() -> None:
                                         + "; ".join(problems))
 
 
-def install() -> None:
+def install(device_type: str = "cpu") -> None:
+    """Install the replacements for the platform's device type ("cpu" or "cuda")."""
     check_symbols()
+    if device_type == "cuda":
+        check_symbols(_REQUIRED_CUDA)
     from vllm.model_executor.layers import linear as linear_mod
     from vllm.model_executor.layers import vocab_parallel_embedding as vpe_mod
     from vllm.platforms.cpu import CpuPlatform
@@ -93,17 +113,50 @@ def install() -> None:
     topk_mod.apply_top_k_top_p = sampler.apply_top_k_top_p
     topk_mod.TopKTopPSampler.forward_cpu = sampler.make_forward_cpu(topk_mod.TopKTopPSampler.forward_cpu)
 
-    _wrap_config_check(CpuPlatform, audit)
     _wrap_request_check(audit)
-    _wrap_load_model(CPUModelRunner, audit, layers)
     _fix_seeded_chunked_prefill(GPUModelRunner)
+    if device_type == "cuda":
+        _install_cuda(audit, layers, sampler)
+    else:
+        _wrap_config_check(CpuPlatform, audit)
+        _wrap_load_model(CPUModelRunner, audit, layers)
 
 
-def _wrap_config_check(platform_cls, audit) -> None:
+def _install_cuda(audit, layers, sampler) -> None:
+    """CUDA platform: our attention over TRITON_ATTN (selected at start-up), our mask before
+    vLLM's native sampler, the audit after load. CUDA graphs are turned off: the ops validate
+    some inputs on the host (a sync), which graph capture forbids; invariance does not need them.
+    Not yet verified on a GPU with vLLM (none was at hand); the glue is tested in the interpreter."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms.cuda import CudaPlatformBase
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.sample.ops import topk_topp_sampler as topk_mod
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    register_backend(AttentionBackendEnum.TRITON_ATTN,
+                     "batch_invariant.vllm_plugin.attention_cuda.BITritonAttentionBackend")
+    topk_mod.TopKTopPSampler.forward_cuda = sampler.make_forward_cpu(topk_mod.TopKTopPSampler.forward_native)
+
+    def select(vllm_config):
+        attention = vllm_config.attention_config
+        if attention.backend not in (None, AttentionBackendEnum.TRITON_ATTN):
+            raise BatchInvariantUnsupported(
+                f"BATCH_INVARIANT=1: attention backend {attention.backend.name} was requested; the batch-invariant "
+                "attention replaces TRITON_ATTN (leave the attention backend unset)")
+        attention.backend = AttentionBackendEnum.TRITON_ATTN
+        vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+
+    _wrap_config_check(CudaPlatformBase, audit, before=select)
+    _wrap_load_model(GPUModelRunner, audit, layers, attention_impl="cuda")
+
+
+def _wrap_config_check(platform_cls, audit, before=None) -> None:
     original = platform_cls.check_and_update_config.__func__
 
     @functools.wraps(original)
     def check_and_update_config(cls, vllm_config):
+        if before is not None:
+            before(vllm_config)
         original(cls, vllm_config)
         audit.check_config(vllm_config)
 
@@ -126,7 +179,7 @@ def _wrap_request_check(audit) -> None:
     InputProcessor._validate_params = _validate_params
 
 
-def audit_rules(layers):
+def audit_rules(layers, attention_impl: str = "cpu"):
     """(rules, checks) for audit.audit_model: what a served model may contain."""
     import torch
     from vllm.model_executor.custom_op import CustomOp, PluggableLayer
@@ -135,7 +188,10 @@ def audit_rules(layers):
     from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-    from .attention import BIAttentionImpl
+    if attention_impl == "cuda":
+        from .attention_cuda import BITritonAttentionImpl as BIAttentionImpl
+    else:
+        from .attention import BIAttentionImpl
 
     ours = tuple(c for _, c in layers.CUSTOM_OPS + layers.PLUGGABLE_LAYERS)
     checked = (LinearBase, VocabParallelEmbedding, Attention)
@@ -162,13 +218,13 @@ def audit_rules(layers):
     return rules, checks
 
 
-def _wrap_load_model(runner_cls, audit, layers) -> None:
+def _wrap_load_model(runner_cls, audit, layers, attention_impl: str = "cpu") -> None:
     original = runner_cls.load_model
 
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        audit.audit_model(self.model, *audit_rules(layers))
+        audit.audit_model(self.model, *audit_rules(layers, attention_impl))
 
     runner_cls.load_model = load_model
 
