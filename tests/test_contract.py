@@ -30,3 +30,15 @@ def test_docs_state_every_constant():
         assert re.search(rf"`{name}`\s*=\s*{value}\b", text), f"docs/invariance.md does not state {name} = {value}"
     for dtype, block in contract.GPU_MATMUL_BLOCK_K.items():
         assert re.search(rf"{dtype}\D+{block}\b", text), f"docs/invariance.md does not state BLOCK_K for {dtype}"
+
+
+def test_triton_kernels_take_the_contract_constants():
+    """The Triton backend receives the contract as launch arguments from contract.py (no copies)."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from batch_invariant.triton_kernels import attention, matmul
+
+    assert (attention.ATTN_TILE_N, attention.ATTN_SPLIT) == (contract.ATTN_TILE_N, contract.ATTN_SPLIT)
+    assert matmul.contract is contract
+    for cfgs in matmul.CANDIDATE_BUCKETS.values():  # BLOCK_K is never part of a tile config
+        for table in cfgs.values():
+            assert all(not hasattr(cfg, "block_k") for _, cfg in table)

@@ -25,6 +25,11 @@ INVARIANCE_GROUPS = {"batch": ("alone", "batched"), "needle": ("alone", "pos0", 
                      "prefix": ("cold", "hot")}
 
 
+def compute_device() -> torch.device:
+    """Where the trainer side runs: the GPU when there is one (vLLM then runs there too), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class ParityError(RuntimeError):
     """A user-facing failure (bad model folder, vLLM missing, engine crash)."""
 
@@ -94,7 +99,8 @@ def trainer_report(results: dict, model_dir, *, mode="raw", dtype=torch.bfloat16
     """Per scenario: tokens compared, logprob mismatches and max |diff| vs the trainer."""
     import batch_invariant as bi
 
-    model = bi.trainer.load_model(model_dir, dtype=dtype, lm_head_dtype=lm_head_dtype)
+    device = compute_device()
+    model = bi.trainer.load_model(model_dir, dtype=dtype, lm_head_dtype=lm_head_dtype, device=device)
     report = {}
     for name, runs in results.items():
         if name.startswith("_"):
@@ -104,11 +110,12 @@ def trainer_report(results: dict, model_dir, *, mode="raw", dtype=torch.bfloat16
         for key, records in runs.items():
             kind = key.split("/")[0] if "/" in key else "seeded"
             temp, top_k, top_p = SAMPLING.get(kind, SAMPLING["seeded"])
-            seqs = [torch.tensor(r["prompt"] + r["tokens"]) for r in records]
+            seqs = [torch.tensor(r["prompt"] + r["tokens"], device=device) for r in records]
             with torch.no_grad():
                 ours = model.token_logprobs(seqs, [len(r["prompt"]) for r in records], temperature=temp,
                                             top_k=top_k, top_p=top_p, mode=mode)
             for r, lp in zip(records, ours):
+                lp = lp.cpu()
                 eng = torch.tensor(r["logprobs"], dtype=torch.float32)
                 tokens += eng.numel()
                 diff = (eng.double() - lp.double()).abs()
@@ -134,7 +141,7 @@ def parity(model_dir, *, scenarios=("batch", "needle", "long", "prefix"), num_pr
     inv = invariance_report(results)
     par = trainer_report(results, model_dir, mode=mode, dtype=getattr(torch, dtype))
     out = {"model": str(model_dir), "mode": mode, "dtype": dtype, "scenarios": {}, "provenance": {
-        "engine": provenance, "trainer": bi.provenance()}}
+        "engine": provenance, "trainer": bi.provenance(compute_device())}}
     for name in results:
         out["scenarios"][name] = {**par.get(name, {}), **inv.get(name, {})}
     out["ok"] = all(s.get("mismatches", 0) == 0 and s.get("invariance_mismatches", 0) == 0

@@ -35,7 +35,10 @@ def main(args) -> int:
                            size=args.size, dtype="float32")
     print(f"model {model_dir}; starting vLLM with BATCH_INVARIANT=1 ...", flush=True)
     llm = LLM(str(model_dir), dtype="float32", seed=0, max_model_len=512, worker_extension_cls=WORKER_EXTENSION)
-    policy = bi.trainer.load_model(model_dir, dtype=torch.float32)
+    from batch_invariant.parity import compute_device
+
+    device = compute_device()  # the GPU when there is one, as vLLM
+    policy = bi.trainer.load_model(model_dir, dtype=torch.float32, device=device)
     opt = bi.trainer.make_optimizer(policy, lr=args.lr)
     vocab = policy.config.vocab_size
     rng = random.Random(0)
@@ -58,8 +61,8 @@ def main(args) -> int:
         rewards = torch.tensor([sum(t == target for t in c) / len(c) for c in completions])
         grouped = rewards.view(-1, args.group)
         adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)).flatten()
-        seqs = [torch.tensor(p + c) for p, c in zip(batch, completions)]
-        lps = policy.token_logprobs(seqs, [len(p) for p in batch])
+        seqs = [torch.tensor(p + c, device=device) for p, c in zip(batch, completions)]
+        lps = [lp.cpu() for lp in policy.token_logprobs(seqs, [len(p) for p in batch])]
         ratio = torch.cat([torch.exp(lp.detach() - e) for lp, e in zip(lps, engine_lp)])
         exact = all(torch.equal(lp.detach(), e) for lp, e in zip(lps, engine_lp))
         kl = float(torch.cat([e - lp.detach() for lp, e in zip(lps, engine_lp)]).mean())

@@ -127,8 +127,9 @@ def run(spec: dict) -> dict:
             raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
         results[name] = res
     import batch_invariant as bi
+    from batch_invariant.parity import compute_device
 
-    results["_provenance"] = bi.provenance()
+    results["_provenance"] = bi.provenance(compute_device())
     return results
 
 
