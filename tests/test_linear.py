@@ -102,21 +102,11 @@ def test_matmul_and_bmm(backend, require):
         assert T.bits_equal(got[i], bi.matmul(a3[i], b3[i]))
 
 
-def _batch_variant_linear(x, w):
-    """Deliberately batch-variant: the K split depends on M (what split-K GEMMs do)."""
-    if x.size(0) < 8:
-        return bi.linear(x, w)
-    half = x.size(1) // 2
-    lo = bi.linear(x[:, :half].contiguous(), w[:, :half].contiguous(), out_dtype=torch.float32)
-    hi = bi.linear(x[:, half:].contiguous(), w[:, half:].contiguous(), out_dtype=torch.float32)
-    return (lo + hi).to(x.dtype)
-
-
 def test_negative_control_catches_batch_variant_matmul(backend, require):
     """Proof that the property can fail: an M-dependent K split is detected on any machine."""
     require(backend, "linear")
     w = _rand(64, 1000, dtype=torch.float32, seed=7, scale=0.03)
-    fails = T.row_invariance_mismatches(lambda x: _batch_variant_linear(x, w),
+    fails = T.row_invariance_mismatches(lambda x: T.batch_variant_linear(x, w),
                                         lambda m, s: _rand(m, 1000, dtype=torch.float32, seed=s))
     assert fails, "the invariance property did not catch an M-dependent K split"
 

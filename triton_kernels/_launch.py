@@ -48,6 +48,79 @@ def row_warps(block: int) -> int:
     return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
 
 
+def require_exact_bf16_casts(what: str, *tensors: torch.Tensor | None) -> None:
+    """Fail closed in the interpreter when a kernel would convert bf16 <-> fp32 without the test
+    patch (interpreter.exact_dot): the bare interpreter truncates fp32 -> bf16 (the GPU rounds to
+    nearest even) and mishandles bf16 subnormals. The kernels use the plain casts the GPU runs
+    (``.to(tl.float32)`` after a load, ``.to(dtype)`` to round), so that the interpreter tests the
+    GPU's code; only the patched interpreter gives those casts the GPU's bits."""
+    from . import interpreter
+
+    if any(t is not None and t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and (
+            interpreting() and not interpreter.is_active()):
+        raise backends.BackendUnavailableError(
+            f"{what}: the Triton interpreter converts fp32 -> bf16 by truncation and bf16 subnormals wrongly; "
+            "run inside batch_invariant.triton_kernels.interpreter.exact_dot() (the test suite does) or use "
+            "the cpu backend on CPU tensors")
+
+
+# ------------------------------------------------------------------------------------------
+# Canonical layout: the kernel variant must not depend on where a tensor happens to start.
+#
+# Triton compiles one variant of a kernel per *specialisation key*: a pointer argument is marked
+# 16-byte aligned (or not), an integer argument divisible by 16 (or not) or equal to 1 (a
+# constant). Those hints set the vector width of the loads (contiguity x alignment), hence the
+# register layout the loaded row lands in, hence the order in which ``tl.sum`` / ``tl.max`` /
+# ``tl.cumsum`` combine it (per-thread partial sums first, then the warp shuffles). A row's
+# reduction tree must be a function of the row, so a view at an odd offset, or with a row stride
+# of another residue mod 16, must run the variant a fresh contiguous tensor gets.
+#
+# Two ways to get there:
+# * prevent the specialisation (``@triton.jit(do_not_specialize=[ints],
+#   do_not_specialize_on_alignment=[pointers])``: in Triton since 3.2, checked in 3.9, whose
+#   interpreter accepts them too). Every call, aligned or not, then runs the variant without the
+#   hints: scalar loads (one element per instruction instead of 16 bytes) and a row stride of
+#   unknown divisibility on the common, aligned path, for good.
+# * copy the rare misaligned input into a fresh contiguous tensor (:func:`canonical_layout`):
+#   free on the common path (a fresh torch allocation is always 16-byte aligned -- 64 bytes on
+#   CPU, 512 on CUDA -- and its strides have the contiguous residues), one extra pass over the
+#   tensor otherwise; and one compiled variant serves every call (no JIT compile in the middle
+#   of serving because some view started at an odd offset).
+# We copy. The launchers of kernels that reduce *loaded* data (norm, the softmax family,
+# sampling's sums over the row, attention backward's Delta = rowsum(dO * O)) pass those inputs
+# through it. Reductions over tl.dot outputs (attention's row max / sum of scores) run in the MMA
+# accumulator layout, which the load layout does not change; elementwise kernels give the same
+# bits in any layout.
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return strides[::-1]
+
+
+def _stride_key(stride: int) -> tuple[bool, bool]:
+    """What Triton specialises an integer argument on: divisibility by 16 and == 1."""
+    return stride % 16 == 0, stride == 1
+
+
+def has_canonical_layout(t: torch.Tensor) -> bool:
+    """True when ``t`` gets the kernel variant of a fresh contiguous tensor of its shape: its data
+    16-byte aligned and every stride with the specialisation key of the contiguous stride."""
+    return t.data_ptr() % 16 == 0 and all(
+        _stride_key(s) == _stride_key(c) for s, c in zip(t.stride(), _contiguous_strides(t.shape)))
+
+
+def canonical_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it already gets the kernel variant of a fresh contiguous tensor (the
+    common case: no copy), else a fresh contiguous copy (see the comment above)."""
+    if has_canonical_layout(t):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def check_device(what: str, *tensors: torch.Tensor) -> None:
     """The triton backend runs on CUDA tensors, or on CPU tensors under the interpreter."""
     for t in tensors:

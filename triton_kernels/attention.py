@@ -322,7 +322,11 @@ def _forward(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, 
         return out, lse
     if q.device.type == "cpu":
         interpreter.require_exact_dot("attention")
+        # Host-side value checks only here: on CUDA they would sync (and break CUDA-graph capture).
         _check_metadata_on_cpu(q, key_cache, query_start_loc, seq_lens, block_table)
+    # No _launch.canonical_layout: the kernels' float reductions (row max / sum of the scores) run
+    # on tl.dot outputs, in the MMA accumulator layout, which does not follow the loads' vector
+    # width; the split fold is elementwise and _last_at_or_before's integer counts are exact.
 
     arch = _launch.arch_key(q.device)
     cfg = _config(head_size, q.dtype, arch)

@@ -31,6 +31,10 @@ trainer never shares blocks. The CPU backend sums such blocks in a fixed order i
 values (block ids, lengths) are checked on the host for CPU tensors only (on a GPU that would cost
 a sync; the forward pass has already used the same metadata).
 
+Delta's row sum is the one reduction over loaded data (the rest are tl.dot products, whose MMA
+layouts do not follow the loads): the launcher gives dO and O the kernel variant of fresh tensors
+(_launch.canonical_layout), so that a view at another alignment cannot change its tree.
+
 Precision: fp32 inputs use IEEE fp32 dots (never TF32). bf16/fp16 inputs feed the tensor cores
 with bf16/fp16 operands (P and dS rounded to the input dtype for their dots, as in FlashAttention),
 accumulating in fp32; all elementwise work is fp32. Outputs are rounded once to the input dtype.
@@ -343,6 +347,11 @@ def attention_backward(grad_out, q, key_cache, value_cache, out, lse, query_star
     _launch.check_device("attention_backward", grad_out, q, key_cache, value_cache, out, lse, query_start_loc,
                          seq_lens, block_table)
     _check_inputs(grad_out, q, key_cache, value_cache, out, lse, query_start_loc, seq_lens, block_table, scale)
+    # Delta = rowsum(dO * O) reduces loaded tiles, in their load layout: dO and O get the kernel
+    # variant of fresh tensors (_launch.canonical_layout; no copy when they are contiguous). q, K
+    # and V only feed tl.dot (MMA operand layouts, whatever the load layout) and lse / Delta are
+    # used elementwise, so their layouts cannot change a bit.
+    grad_out, out = _launch.canonical_layout(grad_out), _launch.canonical_layout(out)
     T, Hq, D = q.shape
     num_blocks, page_size, Hk, _ = key_cache.shape
     dq = torch.zeros((T, Hq, D), dtype=q.dtype, device=q.device)
@@ -353,6 +362,7 @@ def attention_backward(grad_out, q, key_cache, value_cache, out, lse, query_star
         return dq, dk, dv
     if q.device.type == "cpu":
         interpreter.require_exact_dot("attention_backward")
+        # Host-side value checks only here: on CUDA they would sync (and break CUDA-graph capture).
         _check_metadata_values(T, num_blocks, page_size, query_start_loc, seq_lens, block_table)
     head_block = max(16, triton.next_power_of_2(D))
     cfg = bwd_config(head_block, q.dtype, _launch.arch_key(q.device))

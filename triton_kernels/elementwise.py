@@ -1,5 +1,4 @@
-"""Elementwise Triton kernels: silu_and_mul, rotary_embedding, write_kv_cache (+ the fp32 load /
-rounding helpers that norm.py and softmax.py share).
+"""Elementwise Triton kernels: silu_and_mul, rotary_embedding, write_kv_cache.
 
 No reduction happens here, so any tiling gives the same bits; what fixes the bits is the per-element
 operation sequence, spelled out in each kernel and protected from the compiler:
@@ -15,12 +14,10 @@ operation sequence, spelled out in each kernel and protected from the compiler:
   the softmax family differ from the CPU backend in the last bits -- allowed: bits may differ
   between backends, never within one.
 
-Two interpreter defects are worked around here (the GPU gets the same bits either way):
-bf16 -> fp32 mishandles bf16 subnormals, so :func:`to_f32` widens bf16 from its bits (exact, what
-the hardware does too); fp32 -> bf16 truncates instead of rounding to nearest even, so
-:func:`round_to` rounds bf16 in software when ``SOFT_BF16`` (CPU tensors = the interpreter) and
-uses the hardware's RNE conversion on GPUs. (The test session's interpreter patch, interpreter.py,
-also fixes that cast; these kernels do not need it, so they are right in any interpreter run.)
+* loads are widened with ``.to(tl.float32)`` (exact) and results rounded once with
+  ``.to(dtype)`` (round to nearest even). The interpreter runs this same code: its bf16 casts are
+  wrong on their own (truncation, subnormals), so bf16 launches on CPU tensors require the test
+  patch that fixes them (interpreter.exact_dot; _launch.require_exact_bf16_casts fails closed).
 """
 from __future__ import annotations
 
@@ -33,53 +30,27 @@ import triton.language as tl
 from . import _launch
 
 # ------------------------------------------------------------------------------------------
-# Shared @triton.jit helpers (also imported by norm.py and softmax.py).
-
-
-@triton.jit
-def to_f32(v):
-    """Exact widening to fp32 (bf16 from its bits: the interpreter's cast breaks on subnormals)."""
-    if v.dtype == tl.bfloat16:
-        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
-def round_to(y, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """fp32 -> dtype, round to nearest even (one rounding; NaN stays NaN)."""
-    if dtype == tl.bfloat16 and SOFT_BF16:
-        u = y.to(tl.uint32, bitcast=True)
-        is_nan = (u & 0x7FFFFFFF) > 0x7F800000
-        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        bits = tl.where(is_nan, (u >> 16) | 0x40, rounded)
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(dtype)
-
-
-# ------------------------------------------------------------------------------------------
 # Kernels
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, x_row_stride, out_ptr, out_row_stride, D,
-                         BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+                         BLOCK: tl.constexpr):
     # Program (row, column block): out = round(a / (1 + exp(-a)) * b), a = x[:D], b = x[D:].
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
     x_row = x_ptr + row * x_row_stride
-    a = to_f32(tl.load(x_row + cols, mask=mask, other=0.0))
-    b = to_f32(tl.load(x_row + D + cols, mask=mask, other=0.0))
+    a = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_row + D + cols, mask=mask, other=0.0).to(tl.float32)
     silu = tl.div_rn(a, 1.0 + tl.exp(-a))
-    out = round_to(silu * b, out_ptr.dtype.element_ty, SOFT_BF16)
+    out = (silu * b).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * out_row_stride + cols, out, mask=mask)
 
 
 @triton.jit
 def _rope_heads(src, dst, cos, sin, token, num_heads, first_head, head_size, rot_dim, IS_NEOX: tl.constexpr,
-                HEADS: tl.constexpr, HALF_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+                HEADS: tl.constexpr, HALF_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr):
     # Heads [first_head, first_head + HEADS) of one token: rotate the pairs (x1, x2) by the
     # token's angle, x1' = x1*c - x2*s, x2' = x2*c + x1*s: four separate fp32 products (no fma:
     # the launch disables fusion), then one subtraction / addition, one rounding each.
@@ -95,15 +66,15 @@ def _rope_heads(src, dst, cos, sin, token, num_heads, first_head, head_size, rot
     else:  # GPT-J, interleaved: x1 = x[2i], x2 = x[2i + 1]
         off1 = row_offset[:, None] + 2 * i[None, :]
         off2 = off1 + 1
-    x1 = to_f32(tl.load(src + off1, mask=pair_mask, other=0.0))
-    x2 = to_f32(tl.load(src + off2, mask=pair_mask, other=0.0))
+    x1 = tl.load(src + off1, mask=pair_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + off2, mask=pair_mask, other=0.0).to(tl.float32)
     x1_cos = x1 * cos
     x2_sin = x2 * sin
     x2_cos = x2 * cos
     x1_sin = x1 * sin
     out_dtype = dst.dtype.element_ty
-    tl.store(dst + off1, round_to(x1_cos - x2_sin, out_dtype, SOFT_BF16), mask=pair_mask)
-    tl.store(dst + off2, round_to(x2_cos + x1_sin, out_dtype, SOFT_BF16), mask=pair_mask)
+    tl.store(dst + off1, (x1_cos - x2_sin).to(out_dtype), mask=pair_mask)
+    tl.store(dst + off2, (x2_cos + x1_sin).to(out_dtype), mask=pair_mask)
     if PASS_BLOCK > 0:  # dims [rot_dim, head_size): copied as they are
         d = rot_dim + tl.arange(0, PASS_BLOCK)
         tail_mask = head_mask[:, None] & (d < head_size)[None, :]
@@ -114,7 +85,7 @@ def _rope_heads(src, dst, cos, sin, token, num_heads, first_head, head_size, rot
 @triton.jit
 def _rope_kernel(positions_ptr, cos_sin_ptr, q_ptr, q_out_ptr, k_ptr, k_out_ptr, num_q_heads, num_k_heads,
                  q_head_blocks, head_size, rot_dim, IS_NEOX: tl.constexpr, HEADS: tl.constexpr,
-                 HALF_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+                 HALF_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr):
     # Program (token, block of HEADS heads): the first q_head_blocks blocks are q's, the rest k's,
     # so one launch rotates both with the token's cos/sin row loaded once per program.
     token = tl.program_id(0).to(tl.int64)
@@ -126,10 +97,10 @@ def _rope_kernel(positions_ptr, cos_sin_ptr, q_ptr, q_out_ptr, k_ptr, k_out_ptr,
     sin = tl.load(table_row + half + i, mask=i < half, other=0.0)[None, :]
     if head_block < q_head_blocks:
         _rope_heads(q_ptr, q_out_ptr, cos, sin, token, num_q_heads, head_block * HEADS, head_size, rot_dim,
-                    IS_NEOX, HEADS, HALF_BLOCK, PASS_BLOCK, SOFT_BF16)
+                    IS_NEOX, HEADS, HALF_BLOCK, PASS_BLOCK)
     else:
         _rope_heads(k_ptr, k_out_ptr, cos, sin, token, num_k_heads, (head_block - q_head_blocks) * HEADS,
-                    head_size, rot_dim, IS_NEOX, HEADS, HALF_BLOCK, PASS_BLOCK, SOFT_BF16)
+                    head_size, rot_dim, IS_NEOX, HEADS, HALF_BLOCK, PASS_BLOCK)
 
 
 @triton.jit
@@ -166,26 +137,6 @@ def _write_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_pt
 _BITS = {2: torch.int16, 4: torch.int32}
 
 
-def canonical_layout(t: torch.Tensor) -> torch.Tensor:
-    """``t`` ([T, W] rows or a 1-d vector), or a contiguous copy of it, such that Triton compiles
-    the kernel variant a fresh contiguous tensor gets. Triton specialises pointer arguments on
-    16-byte alignment and integer arguments on divisibility by 16 (and on == 1); that sets the
-    vector width of the loads, hence the register layout of the loaded row, hence the order in
-    which ``tl.sum`` adds it up. A row's reduction tree must not depend on where its tensor happens
-    to start (a view at an odd offset, a row stride of another residue), so such views are copied
-    (used by the reducing kernels only; elementwise kernels give the same bits in any layout)."""
-    aligned = t.data_ptr() % 16 == 0
-    if t.dim() == 2:
-        stride, width = t.stride(0), t.size(1)
-        aligned = aligned and (stride % 16 == 0) == (width % 16 == 0) and (stride == 1) == (width == 1)
-    return t if aligned else t.contiguous() if not t.is_contiguous() else t.clone()
-
-
-def _soft_bf16(t: torch.Tensor) -> bool:
-    """CPU tensors reach Triton only under the interpreter, whose fp32 -> bf16 cast truncates."""
-    return t.device.type == "cpu"
-
-
 def _check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in _launch.TL_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16 or float32, got {t.dtype} (shape {tuple(t.shape)})")
@@ -195,6 +146,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x ``[T, 2D]`` (contiguous last dim) -> ``[T, D]`` = round(silu(a) * b), fp32 math."""
     _launch.check_device("silu_and_mul", x)
     _check_float("x", x)
+    _launch.require_exact_bf16_casts("silu_and_mul", x)
     if x.dim() != 2 or x.size(1) % 2 or (x.size(1) > 1 and x.stride(1) != 1):
         raise ValueError(f"silu_and_mul: x must be [T, 2*D] with a contiguous last dim, got shape "
                          f"{tuple(x.shape)}, strides {x.stride()}, dtype {x.dtype}")
@@ -205,7 +157,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     # Elementwise: the tiling cannot change the bits; 1024-wide blocks keep loads vectorised.
     block = _launch.row_block(d, cap=1024)
     grid = (rows, triton.cdiv(d, block))
-    _silu_and_mul_kernel[grid](x, x.stride(0), out, out.stride(0), d, BLOCK=block, SOFT_BF16=_soft_bf16(x),
+    _silu_and_mul_kernel[grid](x, x.stride(0), out, out.stride(0), d, BLOCK=block,
                                num_warps=_launch.row_warps(block), enable_fp_fusion=False)
     return out
 
@@ -217,6 +169,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     _check_float("q", q)
     if k.dtype != q.dtype:
         raise TypeError(f"rotary_embedding: q ({q.dtype}) and k ({k.dtype}) must share a dtype")
+    _launch.require_exact_bf16_casts("rotary_embedding", q)
     if positions.dtype != torch.int64 or positions.dim() != 1:
         raise TypeError(f"rotary_embedding: positions must be int64 [T], got {positions.dtype} "
                         f"{tuple(positions.shape)}")
@@ -250,7 +203,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     _rope_kernel[grid](positions, cos_sin_cache, q, q_out, k, k_out, num_q_heads, num_k_heads, q_head_blocks,
                        head_size, rot_dim, IS_NEOX=bool(is_neox), HEADS=heads, HALF_BLOCK=half_block,
                        PASS_BLOCK=triton.next_power_of_2(pass_width) if pass_width else 0,
-                       SOFT_BF16=_soft_bf16(q), num_warps=4, enable_fp_fusion=False)
+                       num_warps=4, enable_fp_fusion=False)
     return q_out, k_out
 
 

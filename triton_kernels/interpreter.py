@@ -15,8 +15,9 @@ Three defects of the interpreter make it useless for checking our kernels bit fo
   bf16 -> fp32 cast mishandles subnormals, so we widen by a 16-bit shift (exact).
 
 The patch is installed only by the test suite and the GPU acceptance script's ``--dry-run``
-(:func:`exact_dot`, reversible). Kernels call :func:`require_exact_dot` before launching a
-``tl.dot`` in the interpreter and fail closed without it.
+(:func:`exact_dot`, reversible). Launchers of kernels with a ``tl.dot`` (:func:`require_exact_dot`)
+or a bf16 rounding (``_launch.require_exact_bf16_casts``) fail closed in the interpreter without
+it, so the interpreter always runs exactly the GPU's code.
 """
 from __future__ import annotations
 

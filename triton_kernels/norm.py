@@ -12,8 +12,10 @@ BLOCK = block_for(H) and num_warps = _launch.row_warps(BLOCK) depend on H only, 
 of rows, so a row alone and the same row in any batch take the same reduction tree. Rows that fit
 one block (H <= 8192: every Llama/Qwen hidden size up to 70B) are loaded once and kept in
 registers; wider rows take a second pass over memory (recomputing z, bitwise the same values).
-Inputs are first brought to the kernel variant of a contiguous tensor (elementwise.canonical_layout):
-the load layout, and with it tl.sum's tree, must not depend on a view's alignment.
+Inputs are first brought to the kernel variant of a contiguous tensor (_launch.canonical_layout):
+the load layout, and with it tl.sum's tree, must not depend on a view's alignment. Loads are
+widened with .to(tl.float32) and results rounded with .to(dtype) (round to nearest even), the code
+the GPU runs; bf16 in the interpreter needs the test patch of its casts (require_exact_bf16_casts).
 """
 from __future__ import annotations
 
@@ -22,29 +24,26 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from .elementwise import canonical_layout, round_to, to_f32
 
 
 @triton.jit
-def _residual_sum(x_ptr, res_ptr, res_out_ptr, cols, mask, HAS_RESIDUAL: tl.constexpr, STORE: tl.constexpr,
-                  SOFT_BF16: tl.constexpr):
+def _residual_sum(x_ptr, res_ptr, res_out_ptr, cols, mask, HAS_RESIDUAL: tl.constexpr, STORE: tl.constexpr):
     # z for the columns `cols` of one row, in fp32. Fused: z = round(x + residual) to the model
     # dtype (the new residual, stored when STORE), and the norm reads that rounded value.
-    x = to_f32(tl.load(x_ptr + cols, mask=mask, other=0.0))
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        res = to_f32(tl.load(res_ptr + cols, mask=mask, other=0.0))
-        z_rounded = round_to(x + res, res_out_ptr.dtype.element_ty, SOFT_BF16)
+        res = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        z_rounded = (x + res).to(res_out_ptr.dtype.element_ty)
         if STORE:
             tl.store(res_out_ptr + cols, z_rounded, mask=mask)
-        return to_f32(z_rounded)
+        return z_rounded.to(tl.float32)
     else:
         return x
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_row_stride, res_ptr, res_row_stride, res_out_ptr, w_ptr, out_ptr, H, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-                     SOFT_BF16: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     res_row = res_ptr + row * res_row_stride
@@ -56,12 +55,12 @@ def _rms_norm_kernel(x_ptr, x_row_stride, res_ptr, res_row_stride, res_out_ptr, 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if NUM_CHUNKS == 1:
         mask = offs < H
-        z = _residual_sum(x_row, res_row, res_out_row, offs, mask, HAS_RESIDUAL, True, SOFT_BF16)
+        z = _residual_sum(x_row, res_row, res_out_row, offs, mask, HAS_RESIDUAL, True)
         acc = tl.fma(z, z, acc)
     else:
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + offs
-            zc = _residual_sum(x_row, res_row, res_out_row, cols, cols < H, HAS_RESIDUAL, True, SOFT_BF16)
+            zc = _residual_sum(x_row, res_row, res_out_row, cols, cols < H, HAS_RESIDUAL, True)
             acc = tl.fma(zc, zc, acc)
     ss = tl.sum(acc, axis=0)
     r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(ss, tl.cast(H, tl.float32)) + eps))
@@ -69,15 +68,15 @@ def _rms_norm_kernel(x_ptr, x_row_stride, res_ptr, res_row_stride, res_out_ptr, 
     # Pass 2: out = round((z * r) * w).
     out_dtype = out_ptr.dtype.element_ty
     if NUM_CHUNKS == 1:
-        w = to_f32(tl.load(w_ptr + offs, mask=mask, other=0.0))
-        tl.store(out_row + offs, round_to((z * r) * w, out_dtype, SOFT_BF16), mask=mask)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_row + offs, ((z * r) * w).to(out_dtype), mask=mask)
     else:
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + offs
             m = cols < H
-            zc = _residual_sum(x_row, res_row, res_out_row, cols, m, HAS_RESIDUAL, False, SOFT_BF16)
-            w = to_f32(tl.load(w_ptr + cols, mask=m, other=0.0))
-            tl.store(out_row + cols, round_to((zc * r) * w, out_dtype, SOFT_BF16), mask=m)
+            zc = _residual_sum(x_row, res_row, res_out_row, cols, m, HAS_RESIDUAL, False)
+            w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_row + cols, ((zc * r) * w).to(out_dtype), mask=m)
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,13 +109,16 @@ def _launch_norm(x, residual, weight, eps, out, res_out, block):
         return
     block = block_for(hidden) if block is None else block
     has_residual = residual is not None
-    x, weight = canonical_layout(x), canonical_layout(weight)
-    residual = canonical_layout(residual) if has_residual else None
+    _launch.require_exact_bf16_casts("fused_add_rms_norm" if has_residual else "rms_norm", x, weight)
+    # The sum of squares reduces loaded data: x, residual and weight (all in the row's layout)
+    # get the kernel variant of fresh tensors (_launch.canonical_layout).
+    x, weight = _launch.canonical_layout(x), _launch.canonical_layout(weight)
+    residual = _launch.canonical_layout(residual) if has_residual else None
     _rms_norm_kernel[(rows,)](
         x, x.stride(0), residual if has_residual else x, residual.stride(0) if has_residual else 0,
         res_out if has_residual else out, weight, out, hidden, float(eps),
         HAS_RESIDUAL=has_residual, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
-        SOFT_BF16=x.device.type == "cpu", num_warps=_launch.row_warps(block), enable_fp_fusion=False)
+        num_warps=_launch.row_warps(block), enable_fp_fusion=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, _block: int | None = None) -> torch.Tensor:

@@ -39,7 +39,9 @@ Definition (compare csrc/cpu/kernels/sampling.h, the CPU backend, step by step).
    moved as int32 bits, NaN payloads included); k and p both off: a plain copy.
 
 Invariance: one program per row; BLOCK and num_warps are functions of V (and the device kind)
-only; every reduction is either an exact integer count or a fixed-order fp32 sum; no atomics.
+only; every reduction is either an exact integer count or a fixed-order fp32 sum; no atomics. The
+logits get the kernel variant of a fresh tensor (_launch.canonical_layout): the fp32 sums' trees
+follow the load layout, which must not depend on a view's alignment or row stride.
 All launches pass enable_fp_fusion=False, so exp_f32's separate multiplies/adds are not contracted
 and the interpreter and a GPU compute the same e_i (only tl.sum's tree differs between them).
 
@@ -284,11 +286,15 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     out = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
     if rows == 0 or vocab == 0:
         return out
-    if vocab > 1 and logits.stride(1) != 1:
-        logits = logits.contiguous()
+    # The row sums of top-p (s and the digit masses, tl.sum over BLOCK-wide accumulators) reduce
+    # loaded data: the rows get the kernel variant of a fresh tensor (also a contiguous last dim).
+    logits = _launch.canonical_layout(logits)
+    # top_k / top_p are read one scalar per row (their alignment cannot change a bit); made
+    # canonical too, so that one compiled kernel variant serves every call.
+    top_k, top_p = _launch.canonical_layout(top_k), _launch.canonical_layout(top_p)
     block, warps = _config(vocab, logits.device)
     _top_k_top_p_kernel[(rows,)](
-        logits.view(torch.int32), logits.stride(0), top_k.contiguous(), top_p.contiguous(),
+        logits.view(torch.int32), logits.stride(0), top_k, top_p,
         out.view(torch.int32), vocab, BLOCK=block, NC=_CANDIDATES, DIGIT_BITS=_DIGIT_BITS,
         num_warps=warps, enable_fp_fusion=False)
     return out

@@ -14,8 +14,10 @@ exp is tl.exp (NVIDIA: ex2.approx.f32 of x*log2(e), fixed per architecture) and 
 once per row. BLOCK = _launch.row_block(V) (<= 4096) and num_warps depend on V only, never on the
 number of rows. Rows of <= BLOCK elements are loaded once; longer rows (a vocabulary: V ~ 150k)
 are streamed in BLOCK chunks (max pass, sum pass, write pass; the later passes mostly hit L2).
-Inputs are first brought to the kernel variant of a contiguous tensor (elementwise.canonical_layout):
-the load layout, and with it the reduction tree, must not depend on a view's alignment.
+Inputs are first brought to the kernel variant of a contiguous tensor (_launch.canonical_layout):
+the load layout, and with it the reduction tree, must not depend on a view's alignment. Loads are
+widened with .to(tl.float32), results rounded with .to(dtype) (round to nearest even): the code the
+GPU runs, also in the interpreter (bf16 there needs the test patch of its casts).
 """
 from __future__ import annotations
 
@@ -24,14 +26,13 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from .elementwise import canonical_layout, round_to, to_f32
 
 _LOG_SOFTMAX, _SOFTMAX, _MEAN = 0, 1, 2
 
 
 @triton.jit
 def _softmax_family_kernel(x_ptr, x_row_stride, out_ptr, V, MODE: tl.constexpr, BLOCK: tl.constexpr,
-                           NUM_CHUNKS: tl.constexpr, SOFT_BF16: tl.constexpr):
+                           NUM_CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     offs = tl.arange(0, BLOCK)
@@ -41,12 +42,12 @@ def _softmax_family_kernel(x_ptr, x_row_stride, out_ptr, V, MODE: tl.constexpr, 
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + offs
-            acc = acc + to_f32(tl.load(x_row + cols, mask=cols < V, other=0.0))
+            acc = acc + tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
         mean = tl.div_rn(tl.sum(acc, axis=0), tl.cast(V, tl.float32))
-        tl.store(out_ptr + row, round_to(mean, out_dtype, SOFT_BF16))
+        tl.store(out_ptr + row, mean.to(out_dtype))
     elif NUM_CHUNKS == 1:  # the whole row in registers
         mask = offs < V
-        z = to_f32(tl.load(x_row + offs, mask=mask, other=float("-inf")))
+        z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         mx = tl.max(z, axis=0)
         e = tl.where(mask, tl.exp(z - mx), 0.0)
         s = tl.sum(e, axis=0)
@@ -54,30 +55,30 @@ def _softmax_family_kernel(x_ptr, x_row_stride, out_ptr, V, MODE: tl.constexpr, 
             y = (z - mx) - tl.log(s)
         else:
             y = tl.div_rn(e, s)
-        tl.store(out_ptr + row * V + offs, round_to(y, out_dtype, SOFT_BF16), mask=mask)
+        tl.store(out_ptr + row * V + offs, y.to(out_dtype), mask=mask)
     else:
         acc_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + offs
-            acc_max = tl.maximum(acc_max, to_f32(tl.load(x_row + cols, mask=cols < V, other=float("-inf"))))
+            acc_max = tl.maximum(acc_max, tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
         mx = tl.max(acc_max, axis=0)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + offs
             m = cols < V
-            z = to_f32(tl.load(x_row + cols, mask=m, other=0.0))
+            z = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
             acc = acc + tl.where(m, tl.exp(z - mx), 0.0)
         s = tl.sum(acc, axis=0)
         lse = tl.log(s)
         for c in range(NUM_CHUNKS):
             cols = c * BLOCK + offs
             m = cols < V
-            z = to_f32(tl.load(x_row + cols, mask=m, other=0.0))
+            z = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
             if MODE == 0:
                 y = (z - mx) - lse
             else:
                 y = tl.div_rn(tl.exp(z - mx), s)
-            tl.store(out_ptr + row * V + cols, round_to(y, out_dtype, SOFT_BF16), mask=m)
+            tl.store(out_ptr + row * V + cols, y.to(out_dtype), mask=m)
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,9 +98,10 @@ def _run(what: str, mode: int, x: torch.Tensor, out_dtype: torch.dtype, block: i
     if rows == 0 or width == 0:
         return out
     block = _launch.row_block(width) if block is None else block
-    x = canonical_layout(x)
+    _launch.require_exact_bf16_casts(what, x)
+    x = _launch.canonical_layout(x)  # the row reductions run in the load layout
     _softmax_family_kernel[(rows,)](x, x.stride(0), out, width, MODE=mode, BLOCK=block,
-                                    NUM_CHUNKS=triton.cdiv(width, block), SOFT_BF16=x.device.type == "cpu",
+                                    NUM_CHUNKS=triton.cdiv(width, block),
                                     num_warps=_launch.row_warps(block), enable_fp_fusion=False)
     return out
 

@@ -50,6 +50,19 @@ def row_invariance_mismatches(fn: Callable[[torch.Tensor], torch.Tensor], make_r
     return failures
 
 
+def batch_variant_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Negative control: a deliberately batch-variant linear whose K split depends on M (what
+    split-K GEMMs do), built from the batch-invariant op of the current backend."""
+    from .ops.linear import linear
+
+    if x.size(0) < 8:
+        return linear(x, w)
+    half = x.size(1) // 2
+    lo = linear(x[:, :half].contiguous(), w[:, :half].contiguous(), out_dtype=torch.float32)
+    hi = linear(x[:, half:].contiguous(), w[:, half:].contiguous(), out_dtype=torch.float32)
+    return (lo + hi).to(x.dtype)
+
+
 def permutation_mismatches(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, seed: int = 0) -> list[str]:
     """fn(rows[perm]) must equal fn(rows)[perm] bitwise."""
     gen = torch.Generator().manual_seed(seed)

@@ -283,6 +283,32 @@ def test_strided_engine_cache_views(triton_device, require):
         assert T.bits_equal(a, b)
 
 
+def test_misaligned_q_and_caches(triton_device, require):
+    """q and the caches as views at element 1 of bigger buffers (not 16-byte aligned: Triton
+    compiles another variant, with narrower loads) give the same bits: the kernel's reductions run
+    on tl.dot outputs (MMA layouts, whatever the loads' layout), so the launcher copies nothing.
+    A real check on a GPU; in the interpreter, of the plumbing."""
+    require("triton", "attention")
+    lengths = [40, 5]
+    q, k, v = _seqs(lengths, 4, 2, 32, torch.bfloat16, 9, triton_device)
+    base = _run(T.prefill_schedule(lengths), q, k, v, 16)
+
+    def misaligned(shape):
+        return torch.zeros(math.prod(shape) + 1, dtype=torch.bfloat16, device=triton_device)[1:].view(shape)
+
+    kc, vc = misaligned((8, 16, 2, 32)), misaligned((8, 16, 2, 32))
+
+    def attend(qq, _k, _v, *rest):
+        q_view = misaligned(qq.shape).copy_(qq)
+        assert q_view.data_ptr() % 16 and kc.data_ptr() % 16
+        return bi.attention(q_view, kc, vc, *rest)
+
+    outs = T.attention_schedule(attend, lambda key, value, _k, _v, slots: _torch_write(key, value, kc, vc, slots),
+                                q, k, v, T.prefill_schedule(lengths), block_size=16)
+    for a, b in zip(outs, base):
+        assert T.bits_equal(a, b)
+
+
 def test_negative_control_split_kv_decode(triton_device, require):
     """A split-KV decode heuristic (smaller splits when the launch has a single query token, as
     flash-decoding kernels do) is caught: decode differs from prefill on the same case."""

@@ -226,21 +226,11 @@ def test_block_k_is_the_contract():
 # Negative control, fail-closed, bad input
 
 
-def _batch_variant_linear(x, w):
-    """Deliberately batch-variant: the K split depends on M (what split-K GEMMs do)."""
-    if x.size(0) < 8:
-        return bi.linear(x, w)
-    half = x.size(1) // 2
-    lo = bi.linear(x[:, :half].contiguous(), w[:, :half].contiguous(), out_dtype=torch.float32)
-    hi = bi.linear(x[:, half:].contiguous(), w[:, half:].contiguous(), out_dtype=torch.float32)
-    return (lo + hi).to(x.dtype)
-
-
 def test_negative_control_catches_batch_variant_matmul(triton_device):
     """Proof that the property can fail: an M-dependent K split is detected."""
     k = 200 if _small(triton_device) else 4096
     w = _weight(32, k, torch.float32, 7, triton_device)
-    fails = T.row_invariance_mismatches(lambda x: _batch_variant_linear(x, w),
+    fails = T.row_invariance_mismatches(lambda x: T.batch_variant_linear(x, w),
                                         lambda m, s: _rand(m, k, dtype=torch.float32, seed=s, device=triton_device),
                                         batch_sizes=(1, 2, 9, 17))
     assert fails, "the invariance property did not catch an M-dependent K split"

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import batch_invariant as bi
+from batch_invariant import backends
 from batch_invariant import testing as T
 from batch_invariant.ops.activation import silu_and_mul_ref
 from batch_invariant.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from batch_invariant.ops.softmax import log_softmax_ref, mean_ref, softmax_ref
-from batch_invariant.triton_kernels import _launch
+from batch_invariant.triton_kernels import _launch, interpreter
 from batch_invariant.triton_kernels import norm as triton_norm
 from batch_invariant.triton_kernels import softmax as triton_softmax
 
@@ -189,6 +190,145 @@ def test_strided_rows(triton_device, name):
         view = wide[:, offset:offset + x.size(1)]
         assert view.stride(0) != view.size(1)
         assert T.bits_equal(fn(view), expected), f"offset {offset}, row stride {view.stride(0)}"
+
+
+# ------------------------------------------------------------------------------------------
+# Layout: a view that starts off a 16-byte boundary, or has a row stride of another residue mod 16,
+# would make Triton compile another kernel variant (other load vector width -> other register
+# layout -> another tl.sum tree). The launchers copy such views (_launch.canonical_layout).
+
+def _misaligned_views(t):
+    """Two copies of t that start at element 1 of a bigger buffer (not 16-byte aligned): one with
+    contiguous strides, one inside rows one element wider (leading strides of another residue
+    mod 16 when the width is a multiple of 16)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    wide = torch.empty(t.shape[:-1] + (t.size(-1) + 1,), dtype=t.dtype, device=t.device)[..., 1:]
+    return flat.copy_(t), wide.copy_(t)
+
+
+def _launch_keys(monkeypatch, module, kernel_name):
+    """Records, for each launch of ``module.<kernel_name>``, what Triton specialises the kernel on
+    beyond types and constexprs: each tensor's 16-byte alignment, each int's divisibility by 16
+    and equality with 1. Equal keys = the same compiled variant."""
+    keys, kernel = [], getattr(module, kernel_name)
+
+    def key(a):
+        if isinstance(a, torch.Tensor):
+            return a.data_ptr() % 16 == 0
+        if isinstance(a, int) and not isinstance(a, bool):
+            return a % 16 == 0, a == 1
+        return None
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                keys.append(tuple(key(a) for a in args))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, Spy())
+    return keys
+
+
+LAYOUT_OPS = ("rms_norm", "fused_add_rms_norm", "log_softmax", "softmax", "mean")
+
+
+def _layout_case(name, device, dtype):
+    """(run(x, residual, weight), kernel module, kernel name, x, residual, weight) of a reducing row op."""
+    rows, width = (3, 256) if device.type == "cpu" else (16, 4096)  # widths divisible by 16
+    x, w = _inputs(name, rows, width, dtype, device, seed=11)
+    res = _rand(x.shape, dtype, device, seed=12)
+    if "rms_norm" in name:
+        run = (lambda x, r, w: bi.rms_norm(x, w, EPS)) if name == "rms_norm" else (
+            lambda x, r, w: torch.cat(bi.fused_add_rms_norm(x, r, w, EPS), dim=-1))
+        return run, triton_norm, "_rms_norm_kernel", x, res, w
+    return (lambda x, r, w: getattr(bi, name)(x, torch.float32)), triton_softmax, "_softmax_family_kernel", x, res, w
+
+
+@pytest.mark.parametrize("name", LAYOUT_OPS)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_misaligned_rows_give_the_bits_of_fresh_rows(triton_device, monkeypatch, name, dtype):
+    """Rows of a view starting at element 1 of a bigger buffer (both views of _misaligned_views)
+    give the bits of the same rows in fresh tensors, and every launch gets the specialisation key
+    of a fresh tensor. On a GPU the bits check the reduction tree itself; in the interpreter
+    (where layouts do not exist) the keys check the launcher's plumbing."""
+    run, module, kernel_name, x, res, w = _layout_case(name, triton_device, dtype)
+    keys = _launch_keys(monkeypatch, module, kernel_name)
+    for xv, rv, wv in zip(_misaligned_views(x), _misaligned_views(res), _misaligned_views(w)):
+        assert not any(_launch.has_canonical_layout(t) for t in (xv, rv, wv))
+        got = run(xv, rv, wv)
+        for r in range(x.size(0)):
+            assert T.bits_equal(got[r:r + 1], run(x[r:r + 1].clone(), res[r:r + 1].clone(), w.clone())), \
+                f"{name} {dtype}: row {r} of a misaligned view (strides {xv.stride()})"
+    assert len(set(keys)) == 1, f"{name}: the launches compiled {len(set(keys))} kernel variants"
+
+
+def test_negative_control_uncanonicalised_views_change_the_kernel_variant(triton_device, monkeypatch):
+    """Without _launch.canonical_layout the same misaligned views reach the kernel with another
+    specialisation key (another compiled variant), which the key check above catches."""
+    run, module, kernel_name, x, res, w = _layout_case("rms_norm", triton_device, torch.float32)
+    keys = _launch_keys(monkeypatch, module, kernel_name)
+    monkeypatch.setattr(_launch, "canonical_layout", lambda t: t)
+    run(x, res, w)
+    for xv, rv, wv in zip(_misaligned_views(x), _misaligned_views(res), _misaligned_views(w)):
+        run(xv, rv, wv)
+    assert len(set(keys)) == 3 and all(k != keys[0] for k in keys[1:])
+
+
+# ------------------------------------------------------------------------------------------
+# bf16 rounding: the kernels use the plain casts the GPU runs (.to(tl.float32), .to(tl.bfloat16));
+# in the interpreter these pin the test patch of its casts (round to nearest even, subnormals).
+
+def _bf16(*bits):
+    return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: the norm of inf rows
+def test_bf16_rounding_edge_cases(triton_device):
+    """z = round_bf16(x + residual) with an exact fp32 sum: ties to even (down, up, carrying into
+    the exponent, overflowing to inf), just above / below a tie, subnormals (widened and rounded
+    exactly), signed zeros, infinities: the bits torch's round-to-nearest-even gives."""
+    one, one_up, below_two, bf16_max, tiny = 0x3F80, 0x3F81, 0x3FFF, 0x7F7F, 0x0001
+    pairs = [
+        (one, 0x3B80),            # 1 + 2^-8: a tie, rounds down to the even 1.0
+        (one_up, 0x3B80),         # 1.0078125 + 2^-8: a tie, rounds up to the even 1.015625
+        (below_two, 0x3B80),      # 1.9921875 + 2^-8: a tie, carries into the exponent (2.0)
+        (one, 0x3BC0),            # 1 + 1.5 * 2^-8: above the tie, up
+        (one, 0x3B00),            # 1 + 2^-9: below the tie, down
+        (0xBF81, 0xBB80),         # the negative tie, up in magnitude
+        (bf16_max, 0x7B00),       # max + half an ulp: a tie, rounds to even = inf
+        (bf16_max | 0x8000, 0xFB00),  # and to -inf
+        (bf16_max, 0x7A80),       # max + a quarter ulp: stays max
+        (tiny, 0x0000),           # the smallest subnormal, unchanged
+        (tiny, tiny),             # subnormal + subnormal, exact
+        (0x007F, tiny),           # the largest subnormal + the smallest: the smallest normal
+        (0x0003, 0x8001),         # subnormal - subnormal
+        (tiny, 0x8001),           # x - x = +0
+        (0x8000, 0x8000),         # -0 + -0 = -0
+        (0x7F80, one),            # inf + 1 = inf
+    ]
+    x = _bf16(*(a for a, _ in pairs)).view(1, -1).to(triton_device)
+    res = _bf16(*(b for _, b in pairs)).view(1, -1).to(triton_device)
+    w = torch.ones(x.size(1), dtype=torch.bfloat16, device=triton_device)
+    _, z = bi.fused_add_rms_norm(x, res, w, EPS)
+    expected = (x.cpu().float() + res.cpu().float()).to(torch.bfloat16)  # torch: round to nearest even
+    assert expected.view(torch.int16)[0, 2].item() == 0x4000 and torch.isinf(expected[0, 6])  # the cases' intent
+    assert T.bits_equal(z.cpu(), expected), (z.cpu().view(torch.int16), expected.view(torch.int16))
+
+
+def test_interpreter_without_exact_casts_fails_closed(triton_device, monkeypatch):
+    """Without the test patch the interpreter truncates fp32 -> bf16: bf16 launches on CPU tensors
+    refuse to run rather than give other bits than the GPU (fp32 ones run)."""
+    if triton_device.type != "cpu":
+        pytest.skip("the cast patch concerns the Triton interpreter (CPU tensors) only")
+    monkeypatch.setattr(interpreter, "is_active", lambda: False)
+    x = _rand((2, 32), torch.bfloat16, triton_device, 0)
+    w = torch.ones(32, dtype=torch.bfloat16, device=triton_device)
+    for call in (lambda: triton_norm.rms_norm(x, w, EPS), lambda: triton_norm.fused_add_rms_norm(x, x, w, EPS),
+                 lambda: triton_softmax.softmax(x, torch.float32)):
+        with pytest.raises(backends.BackendUnavailableError, match="exact_dot"):
+            call()
+    assert triton_norm.rms_norm(x.float(), w.float(), EPS).dtype == torch.float32
 
 
 def test_fused_residual_bits_match_cpu_backend(triton_device, require):

@@ -258,6 +258,44 @@ def test_negative_control(triton_device):
     assert fails
 
 
+def _misaligned_views(t):
+    """Two copies of t starting at element 1 of a bigger buffer (not 16-byte aligned): with
+    contiguous strides, and inside rows one element wider (a row stride of another residue mod 16)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    wide = torch.empty(t.size(0), t.size(1) + 1, dtype=t.dtype, device=t.device)[:, 1:]
+    return flat.copy_(t), wide.copy_(t)
+
+
+def test_misaligned_rows_give_the_bits_of_fresh_rows(triton_device, monkeypatch):
+    """The top-p sums reduce the loaded row, whose register layout follows what Triton specialises
+    on (16-byte alignment of pointers, ints divisible by 16): rows of misaligned views give the bits
+    of the same rows in fresh tensors, and every launch gets a fresh tensor's specialisation key
+    (the interpreter has no layouts: there the keys check the launcher's plumbing). The launcher is
+    called directly: the public op would already copy the strided view."""
+    V = 256 if _small(triton_device) else 151936  # multiples of 16
+    x = _logits(2, V, 21, triton_device)
+    k = torch.tensor([50, 0], dtype=torch.int64, device=triton_device)
+    p = torch.tensor([0.9, 0.8], device=triton_device)
+    keys, kernel = [], ts._top_k_top_p_kernel
+
+    class Spy:  # records each launch's specialisation key: pointer alignment, ints % 16 and == 1
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                keys.append(tuple(a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1)
+                                  if isinstance(a, int) and not isinstance(a, bool) else None for a in args))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ts, "_top_k_top_p_kernel", Spy())
+    fresh = [ts.top_k_top_p_mask(x[r:r + 1].clone(), k[r:r + 1], p[r:r + 1]) for r in range(2)]
+    for view in _misaligned_views(x):
+        assert view.data_ptr() % 16 != 0
+        got = ts.top_k_top_p_mask(view, k, p)
+        for r in range(2):
+            assert T.bits_equal(got[r:r + 1], fresh[r]), f"row {r} of a view with strides {view.stride()}"
+    assert len(set(keys)) == 1, f"{len(set(keys))} kernel variants"
+
+
 # ------------------------------------------------------------------------------------------
 # Processed logprobs and bad input
 

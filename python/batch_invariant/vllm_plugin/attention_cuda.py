@@ -13,12 +13,10 @@ Triton interpreter in tests/triton/test_triton_vllm_glue.py.
 from __future__ import annotations
 
 import torch
-from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
+from . import attention_common
 from .layers import BatchInvariantUnsupported
-
-_ops = torch.ops.batch_invariant
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,53 +29,12 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor
     return key_cache, value_cache
 
 
-def unsupported_features(impl) -> list[str]:
-    """What this attention layer uses that bi.attention does not compute (fail closed)."""
-    problems = []
-    if getattr(impl, "sliding_window", None) not in (-1, None, (-1, -1)):
-        problems.append(f"sliding window {impl.sliding_window}")
-    if getattr(impl, "alibi_slopes", None) is not None:
-        problems.append("ALiBi")
-    if getattr(impl, "logits_soft_cap", None) not in (0, 0.0, None):
-        problems.append(f"logit soft-cap {impl.logits_soft_cap}")
-    if getattr(impl, "sinks", None) is not None:
-        problems.append("attention sinks")
-    if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", None):
-        problems.append(f"kv_cache_dtype {impl.kv_cache_dtype!r}")
-    if getattr(impl, "attn_type", AttentionType.DECODER) != AttentionType.DECODER:
-        problems.append(f"attention type {impl.attn_type}")
-    if getattr(impl, "kv_sharing_target_layer_name", None) is not None:
-        problems.append("KV sharing between layers")
-    return problems
+class BITritonAttentionImpl(attention_common.BIAttentionMixin, TritonAttentionImpl):
+    def bi_caches(self, kv_cache):
+        return split_kv_cache(kv_cache, self.head_size)
 
-
-class BITritonAttentionImpl(TritonAttentionImpl):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        problems = unsupported_features(self)
-        if problems:
-            raise BatchInvariantUnsupported("BATCH_INVARIANT=1: unsupported attention: " + ", ".join(problems))
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        if output_scale is not None or output_block_scale is not None:
-            raise BatchInvariantUnsupported("quantized attention output is not supported")
-        if attn_metadata is None:  # profiling / warm-up run
-            return output.fill_(0)
-        if attn_metadata.causal is not True:
-            raise BatchInvariantUnsupported("non-causal attention is not supported")
-        n = attn_metadata.num_actual_tokens
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        out = _ops.attention(q, key_cache, value_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                             attn_metadata.block_table, self.scale)
-        output[:n].copy_(out.view(output[:n].shape))
-        return output
-
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
-        n = slot_mapping.shape[0]
-        _ops.write_kv_cache(key[:n], value[:n], key_cache, value_cache, slot_mapping)
+    def bi_profile_output(self, output):
+        return output.fill_(0)  # what TritonAttentionImpl returns for a profiling run
 
     def fused_rope_kvcache_supported(self):
         return False  # rope runs as its own batch_invariant op
