@@ -1,0 +1,56 @@
+// Launchers of the CUDA row kernels on the CPU simulator (framework-free: raw pointers, dtype
+// codes). They mirror what the device launchers in csrc/cuda/*.cu do: grid = rows, block =
+// rms_norm_threads(hidden) / row_softmax_threads(cols) (`threads` > 0 overrides it: tests only,
+// e.g. the negative control), dtype dispatch over T in {float, bf16, fp16}, W / O = T or float.
+// Used by sim_module.cpp (pybind11) and nothing else.
+#pragma once
+
+#include <cstdint>
+
+namespace bi {
+namespace cuda {
+namespace sim {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct RmsNormCall {
+  uintptr_t x; int64_t x_stride;
+  uintptr_t residual; int64_t residual_stride;  // 0: plain rms_norm
+  uintptr_t residual_out; int64_t residual_out_stride;
+  uintptr_t weight; uintptr_t out; int64_t out_stride;
+  int64_t rows; int hidden; float eps;
+  int dtype; int weight_dtype;  // weight_dtype: dtype or kF32
+  int threads;                  // <= 0: rms_norm_threads(hidden)
+};
+// Returns the block size used.
+int launch_rms_norm(const RmsNormCall& c);
+
+enum RowOp : int { kLogSoftmax = 0, kSoftmax = 1, kRowMean = 2 };
+struct RowOpCall {
+  int op;
+  uintptr_t x; int64_t x_stride;
+  uintptr_t out; int64_t out_stride;
+  int64_t rows; int64_t cols;
+  int dtype; int out_dtype;  // out_dtype: dtype or kF32
+  int threads;               // <= 0: row_softmax_threads(cols)
+};
+int launch_row_op(const RowOpCall& c);
+
+// The block sizes the launchers choose (rms_norm_threads / row_softmax_threads).
+int rms_norm_block(int hidden);
+int row_op_block(int64_t cols);
+
+// Simulator self-tests (sim_selftest.cpp): small kernels that misuse barriers / warp operations.
+//   "missing_sync": reads a neighbour's shared-memory write without __syncthreads (its result
+//                   depends on the schedule); returns the sum of what thread 0..n-1 read.
+//   "divergent_shfl": a shuffle inside a lane-dependent branch (must raise).
+//   "partial_sync": __syncthreads skipped by half the block (must raise).
+//   "ballot": returns the ballot of (lane % 3 == 0) seen by lane 5 and any/all results.
+double run_selftest(const char* name, int threads);
+
+// exp_f32 / log_f32 (row_common.cuh) applied to n floats on the host (accuracy tests).
+void math_f32(int which /*0 exp, 1 log*/, const float* in, float* out, int64_t n);
+
+}  // namespace sim
+}  // namespace cuda
+}  // namespace bi

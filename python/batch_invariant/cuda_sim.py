@@ -1,0 +1,260 @@
+"""The CUDA kernel bodies on the CPU SIMT simulator (test side only).
+
+``csrc/cuda/kernels/*.cuh`` are compiled with g++ ``-DBI_CUDA_SIM`` against the header shim in
+``csrc/cuda/sim/`` (fibers for CUDA threads, barriers, emulated warp shuffles / votes, see
+``csrc/cuda/sim/sim.h``) into a small pybind11 module, built once per source hash with
+``torch.utils.cpp_extension.load`` (ninja) under
+``$BATCH_INVARIANT_CACHE`` or ``~/.cache/batch-invariant-kernels``, folder ``cuda-sim-<hash>``.
+The functions here take CPU tensors, allocate outputs like the real CUDA launchers and launch the
+kernels with the same grid / block choice (``threads=`` overrides the block size: tests only).
+
+Needs a C++17 compiler, ninja, the CUDA headers ``cuda_fp16.h`` / ``cuda_bf16.h`` (a CUDA toolkit,
+or the pip package ``nvidia-cuda-runtime`` / ``nvidia.cu13``) and the source tree (an editable
+install or a checkout). :func:`unavailable_reason` says which is missing; a compile error in the
+sources is raised by :func:`load`, never reported as "unavailable".
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from .models import cache_root
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CUDA_SRC = _CSRC / "cuda"
+SIM_SRC = CUDA_SRC / "sim"
+
+#: g++ flags of the simulator build: one IEEE operation per _rn wrapper (no contraction, no fast
+#: math), and no strict-aliasing assumptions for the 16-byte vector loads of the kernels.
+CFLAGS = ("-std=c++17", "-O2", "-DBI_CUDA_SIM", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing",
+          "-pthread", "-Wall", "-Wno-unknown-pragmas")
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ROW_OPS = {"log_softmax": 0, "softmax": 1, "mean": 2}
+
+_lock = threading.Lock()
+_module = None
+
+
+def cuda_include_dir() -> Path | None:
+    """A folder holding ``cuda_fp16.h`` and ``cuda_bf16.h`` (host-usable half / bfloat16 types)."""
+    candidates = []
+    if os.environ.get("BATCH_INVARIANT_CUDA_INCLUDE"):
+        candidates.append(Path(os.environ["BATCH_INVARIANT_CUDA_INCLUDE"]))
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        candidates += [real.parent.parent / "include", Path(nvcc).parent.parent / "include"]
+    candidates += [Path("/usr/local/cuda/include")]
+    for pkg in ("nvidia.cu13", "nvidia.cuda_runtime"):
+        try:
+            spec = importlib.util.find_spec(pkg)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            candidates += [Path(p) / "include" for p in spec.submodule_search_locations]
+    for c in candidates:
+        if (c / "cuda_fp16.h").is_file() and (c / "cuda_bf16.h").is_file() and (c / "vector_types.h").is_file():
+            return c
+    return None
+
+
+def _sources() -> list[Path]:
+    return sorted(SIM_SRC.glob("*.cpp"))
+
+
+def unavailable_reason() -> str | None:
+    """Why the simulator cannot be built here (a missing tool or header), or None."""
+    if not SIM_SRC.is_dir() or not _sources():
+        return f"the CUDA sources are not here ({SIM_SRC}): needs a checkout / editable install"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not on PATH)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    if cuda_include_dir() is None:
+        return ("cuda_fp16.h / cuda_bf16.h not found (CUDA toolkit headers: set CUDA_HOME or "
+                "BATCH_INVARIANT_CUDA_INCLUDE, or pip install nvidia-cuda-runtime)")
+    return None
+
+
+def _source_hash(include: Path) -> str:
+    h = hashlib.sha256()
+    # what the simulator compiles: the wrapper header, the kernel bodies, the shim and its module
+    files = sorted({CUDA_SRC / "intrinsics.cuh", *(CUDA_SRC / "kernels").rglob("*"), *SIM_SRC.rglob("*")})
+    files = [p for p in files if p.is_file() and p.suffix in (".cuh", ".h", ".cpp")]
+    for p in files:
+        h.update(str(p.relative_to(CUDA_SRC)).encode())
+        h.update(p.read_bytes())
+    for part in (*CFLAGS, str(include), torch.__version__, sys.version.split()[0], os.environ.get("CXX", "c++")):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    include = cuda_include_dir()
+    return cache_root() / f"cuda-sim-{_source_hash(include or Path('-'))}"
+
+
+def load():
+    """Builds (first call per source hash, ~15-30 s on 2 cores) and imports the simulator module.
+
+    Raises RuntimeError with the reason when a tool or header is missing (see
+    :func:`unavailable_reason`), and the compiler's error when the sources do not compile.
+    """
+    global _module
+    with _lock:
+        if _module is not None:
+            return _module
+        reason = unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"CUDA simulator unavailable: {reason}")
+        from torch.utils.cpp_extension import load as cpp_load
+
+        include = cuda_include_dir()
+        digest = _source_hash(include)
+        out = cache_root() / f"cuda-sim-{digest}"
+        out.mkdir(parents=True, exist_ok=True)
+        _module = cpp_load(name=f"bi_cuda_sim_{digest}", sources=[str(p) for p in _sources()],
+                           extra_cflags=list(CFLAGS), extra_include_paths=[str(include)],
+                           build_directory=str(out), with_cuda=False, verbose=False)
+        return _module
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor-level entry points (mirror the CUDA launchers: outputs contiguous, rows = dim 0).
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: the simulator runs on CPU tensors, got {t.device}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-d, got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name}: unsupported dtype {t.dtype}")
+    return t if t.size(1) <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def _weight(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if w.dim() != 1 or w.size(0) != x.size(1) or w.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"weight must be 1-d [{x.size(1)}] of {x.dtype} or float32, got {tuple(w.shape)} {w.dtype}")
+    return w.contiguous()
+
+
+def _threads(threads) -> int:
+    return -1 if threads is None else int(threads)
+
+
+def rms_norm_threads(hidden: int) -> int:
+    return load().rms_norm_threads(int(hidden))
+
+
+def row_softmax_threads(cols: int) -> int:
+    return load().row_softmax_threads(int(cols))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, threads: int | None = None) -> torch.Tensor:
+    m = load()
+    x = _rows(x, "x")
+    w = _weight(weight, x)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    m.rms_norm(x.data_ptr(), x.stride(0), 0, 0, 0, 0, w.data_ptr(), out.data_ptr(), out.stride(0),
+               x.size(0), x.size(1), float(eps), DTYPE_CODES[x.dtype], DTYPE_CODES[w.dtype], _threads(threads))
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                       threads: int | None = None, out: torch.Tensor | None = None,
+                       residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(rms_norm(z), z)`` with ``z = round(x + residual)``. ``out`` / ``residual_out``
+    may be given (e.g. ``x`` / ``residual`` themselves: the in-place use)."""
+    m = load()
+    x = _rows(x, "x")
+    r = _rows(residual, "residual")
+    if r.shape != x.shape or r.dtype != x.dtype:
+        raise ValueError("residual must match x in shape and dtype")
+    w = _weight(weight, x)
+    out = torch.empty(x.shape, dtype=x.dtype) if out is None else out
+    res_out = torch.empty(x.shape, dtype=x.dtype) if residual_out is None else residual_out
+    for t in (out, res_out):
+        if t.shape != x.shape or t.dtype != x.dtype or (t.size(1) > 1 and t.stride(1) != 1):
+            raise ValueError("out / residual_out must match x and have a contiguous last dim")
+    m.rms_norm(x.data_ptr(), x.stride(0), r.data_ptr(), r.stride(0), res_out.data_ptr(), res_out.stride(0),
+               w.data_ptr(), out.data_ptr(), out.stride(0), x.size(0), x.size(1), float(eps),
+               DTYPE_CODES[x.dtype], DTYPE_CODES[w.dtype], _threads(threads))
+    return out, res_out
+
+
+def _row_op(name: str, x: torch.Tensor, out_dtype, threads) -> torch.Tensor:
+    m = load()
+    x = _rows(x, "x")
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be {x.dtype} or torch.float32, got {out_dtype}")
+    shape = (x.size(0),) if name == "mean" else tuple(x.shape)
+    out = torch.empty(shape, dtype=out_dtype)
+    if name == "mean" and x.size(1) == 0:
+        return out.fill_(float("nan"))  # 0 / 0, as the CUDA and CPU launchers
+    m.row_op(_ROW_OPS[name], x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0) if out.dim() == 2 else 1,
+             x.size(0), x.size(1), DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype], _threads(threads))
+    return out
+
+
+def log_softmax(x: torch.Tensor, out_dtype: torch.dtype = torch.float32, *, threads: int | None = None) -> torch.Tensor:
+    return _row_op("log_softmax", x, out_dtype, threads)
+
+
+def softmax(x: torch.Tensor, out_dtype: torch.dtype | None = None, *, threads: int | None = None) -> torch.Tensor:
+    return _row_op("softmax", x, out_dtype or x.dtype, threads)
+
+
+def row_mean(x: torch.Tensor, out_dtype: torch.dtype | None = None, *, threads: int | None = None) -> torch.Tensor:
+    return _row_op("mean", x, out_dtype or x.dtype, threads)
+
+
+def exp_f32(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' deterministic exp (row_common.cuh) on a float32 tensor."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    load().math_f32(0, x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+def log_f32(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' deterministic log (row_common.cuh) on a float32 tensor."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    load().math_f32(1, x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+@contextlib.contextmanager
+def reverse_schedule():
+    """Fibers of each block run in reverse thread order inside this context (a kernel with a
+    missing barrier gives different bits under the two schedules)."""
+    m = load()
+    before = m.schedule()
+    m.set_schedule(1)
+    try:
+        yield
+    finally:
+        m.set_schedule(before)
+
+
+def last_launch_stats() -> dict:
+    return dict(load().last_launch_stats())
+
+
+def selftest(name: str, threads: int = 64) -> float:
+    return load().selftest(name, int(threads))
