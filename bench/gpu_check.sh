@@ -7,8 +7,9 @@
 # no network) it installs nothing: the package is staged in a temporary folder (python/ and
 # triton_kernels/ copied, extensions built there when possible), then
 #   1. the GPU subset of the tests (tests/triton on CUDA tensors: correctness, invariance over M,
-#      bucket equivalence for this architecture, prefill == chunked == decode),
-#   2. the benchmarks vs cuBLAS / flash SDPA / torch on Qwen3-8B shapes
+#      bucket equivalence for this architecture, prefill == chunked == decode; the CUDA
+#      extension's kernels on the GPU, incl. bitwise equality with the CPU SIMT simulator),
+#   2. the benchmarks (Triton, and the CUDA extension when built) vs cuBLAS / flash SDPA / torch on Qwen3-8B shapes
 #      (python/batch_invariant/bench/gpu.py), CSV files + a PNG written into --out,
 #   3. a short table, printed last.
 # Budget: <= 5 minutes on an H100/H200. --dry-run runs the same logic on the CPU through the
@@ -43,7 +44,7 @@ if [ "$DRY" = 1 ]; then
 else
   export BATCH_INVARIANT_TEST_DEVICE=cuda
   unset TRITON_INTERPRET
-  TEST_ARGS=()
+  TEST_ARGS=(tests/cuda/test_cuda_device.py tests/test_cuda_build.py)  # CUDA-extension kernels on the GPU
 fi
 
 # Use an installed batch_invariant if there is one; otherwise stage the sources (no install).
@@ -58,7 +59,7 @@ if ! (cd /tmp && "$PY" -c "import batch_invariant.triton_kernels" 2>/dev/null); 
   if [ "$DRY" = 0 ]; then
     # Build what can be built, into the stage (CPU extension; the CUDA one when csrc/cuda has kernels).
     BUILD="$(mktemp -d)"
-    if (cd "$ROOT" && timeout 150 "$PY" setup.py -q build_ext --build-lib "$STAGE" --build-temp "$BUILD") \
+    if (cd "$ROOT" && timeout 200 "$PY" setup.py -q build_ext --build-lib "$STAGE" --build-temp "$BUILD") \
         >>"$LOG" 2>&1; then
       say "extensions built into the stage"
     else
@@ -67,7 +68,7 @@ if ! (cd /tmp && "$PY" -c "import batch_invariant.triton_kernels" 2>/dev/null); 
   fi
 fi
 
-say "tests: $([ "$DRY" = 1 ] && echo 'interpreter (dry run)' || echo 'CUDA') -- pytest tests/triton"
+say "tests: $([ "$DRY" = 1 ] && echo 'interpreter (dry run)' || echo 'CUDA') -- pytest tests/triton ${TEST_ARGS[*]}"
 (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 240 "$PY" -m pytest tests/triton -q -p no:cacheprovider -x \
    "${TEST_ARGS[@]}" --junitxml="$OUT/gpu_check_tests.xml") 2>&1 | tee -a "$LOG"
 TEST_RC=${PIPESTATUS[0]}

@@ -32,6 +32,7 @@ def test_gpu_check_dry_run(tmp_path, require):
     assert all(r["result"] == "pass" for r in rows["checks.csv"])
     # The short table is printed last (after the per-case lines), one line per case.
     table = out.stdout[out.stdout.rindex("wrote "):]
-    assert table.count("linear tiny_proj") == len(gpu.DRY_M_VALUES) and "decode_attention" in table
+    assert all(r["backend"] == "triton" for r in rows["matmul.csv"] + rows["attention.csv"] + rows["rows.csv"])
+    assert table.count("triton linear tiny_proj") == len(gpu.DRY_M_VALUES) and "decode_attention" in table
     assert "interpreter: no target" in table
     assert (tmp_path / "gpu_check.log").stat().st_size > 0

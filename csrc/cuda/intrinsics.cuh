@@ -31,6 +31,7 @@
 
 #ifdef BI_CUDA_SIM
 #include "sim/sim.h"
+#include "sim/sim_mma.h"  // MMA section: cp.async, ldmatrix, mma.sync
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -152,6 +153,83 @@ template <> struct FromF32<__nv_bfloat16> {
 };
 template <typename T>
 BI_DEV T from_f32(float v) { return FromF32<T>::cvt(v); }
+
+// ------------------------------------------------------------------------------------------
+// MMA section (sm_80+; used by kernels/linear.cuh). Tensor-core matrix multiply-accumulate and
+// the shared-memory pipeline that feeds it:
+//   cp_async_16(smem, gmem, src_bytes)   cp.async.cg.shared.global 16 bytes; bytes beyond src_bytes
+//                                        (0 or 16 in our kernels) are zero-filled
+//   cp_async_commit() / cp_async_wait<N>()   cp.async.commit_group / cp.async.wait_group N
+//   ldmatrix_x4(r, smem_row)             ldmatrix.sync.aligned.m8n8.x4.shared.b16 (this lane's row
+//                                        address; 16-byte aligned)
+//   mma_m16n8k16<T>(d, a, b, c)          mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32, T in
+//                                        {__nv_bfloat16, __half}; fragments per the PTX ISA layout
+// This is the one instruction family of the bf16 / fp16 GEMM on every sm_80+ target, sm_90a
+// included (mma.sync, not wgmma), for every M. Simulator: csrc/cuda/sim/sim_mma.h (its mma is a
+// fixed-order scalar routine, not bit-exact with the tensor core: it tests the kernels' logic).
+#ifdef BI_CUDA_SIM
+BI_DEV void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
+  sim::cp_async_16(smem_dst, gmem_src, src_bytes);
+}
+BI_DEV void cp_async_commit() { sim::cp_async_commit(); }
+template <int N>
+BI_DEV void cp_async_wait() { sim::cp_async_wait(N); }
+BI_DEV void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) { sim::ldmatrix_x4(r, smem_row); }
+template <typename T> struct MmaM16N8K16;
+template <> struct MmaM16N8K16<__nv_bfloat16> {
+  static BI_DEV void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+    sim::mma_m16n8k16(d, a, b, c, true);
+  }
+};
+template <> struct MmaM16N8K16<__half> {
+  static BI_DEV void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+    sim::mma_m16n8k16(d, a, b, c, false);
+  }
+};
+#else  // device
+BI_DEV uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+BI_DEV void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes)
+               : "memory");
+}
+BI_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+BI_DEV void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+BI_DEV void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem_row))
+               : "memory");
+}
+template <typename T> struct MmaM16N8K16;
+template <> struct MmaM16N8K16<__nv_bfloat16> {
+  static BI_DEV void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  }
+};
+template <> struct MmaM16N8K16<__half> {
+  static BI_DEV void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  }
+};
+#endif
+template <typename T>
+BI_DEV void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  MmaM16N8K16<T>::run(d, a, b, c);
+}
 
 }  // namespace cuda
 }  // namespace bi

@@ -75,6 +75,19 @@ def cpu_extension():
             "(or `-e .`) against the torch you use.") from exc
 
 
+def cuda_extension():
+    """The compiled CUDA extension module (raises BackendUnavailableError with a fix if missing).
+
+    Importing it needs no GPU; it does need the CUDA build of torch it was compiled against."""
+    try:
+        return importlib.import_module("batch_invariant._cuda")
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the batch_invariant CUDA extension is not built or does not load (batch_invariant._cuda: "
+            f"{exc}). Reinstall with `pip install --no-build-isolation .` on a machine with nvcc and "
+            "the CUDA build of torch you use, without BATCH_INVARIANT_SKIP_CUDA_BUILD") from exc
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -104,6 +117,10 @@ def backend_unavailable_reason(name: str, device_type: str) -> str | None:
         if importlib.util.find_spec("batch_invariant._cuda") is None:
             return ("the batch_invariant CUDA extension is not built: reinstall on a machine with "
                     "nvcc and a CUDA build of torch, without BATCH_INVARIANT_SKIP_CUDA_BUILD")
+        try:
+            cuda_extension()
+        except BackendUnavailableError as exc:
+            return str(exc)
         return None
     return f"unknown backend {name!r}"
 

@@ -239,6 +239,35 @@ def log_f32(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, query_start_loc: torch.Tensor,
+              seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, *, with_lse: bool = False,
+              split: int | None = None):
+    """Paged attention forward (kernels/attention.cuh) as the CUDA launcher runs it: returns ``out``
+    (contiguous [T, Hq, D], q's dtype) or ``(out, lse)`` with ``with_lse``. ``split`` overrides the
+    contract's ATTN_SPLIT (tests only: the negative control)."""
+    m = load()
+    for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.device.type != "cpu" or t.dtype not in DTYPE_CODES or t.stride(-1) != 1:
+            raise ValueError(f"{name}: CPU float tensor with a contiguous last dim, got {t.dtype} {t.device}")
+    if q.dim() != 3 or key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
+        raise ValueError("q must be [T, Hq, D], key_cache / value_cache [NB, BS, Hk, D]")
+    if key_cache.dtype != q.dtype or value_cache.dtype != q.dtype:
+        raise TypeError("q, key_cache and value_cache must share one dtype")
+    qsl = query_start_loc.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    bt = block_table.to(torch.int32)
+    bt = bt if bt.size(1) <= 1 or bt.stride(1) == 1 else bt.contiguous()
+    T_, Hq, D = q.shape
+    out = torch.empty((T_, Hq, D), dtype=q.dtype)
+    lse = torch.empty((T_, Hq), dtype=torch.float32) if with_lse else None
+    m.attention(q.data_ptr(), q.stride(0), q.stride(1), key_cache.data_ptr(), *key_cache.stride()[:3],
+                value_cache.data_ptr(), *value_cache.stride()[:3], qsl.data_ptr(), lens.data_ptr(), bt.data_ptr(),
+                bt.stride(0), T_, lens.size(0), Hq, key_cache.size(2), D, key_cache.size(1), float(scale),
+                DTYPE_CODES[q.dtype], -1 if split is None else int(split), out.data_ptr(),
+                0 if lse is None else lse.data_ptr())
+    return (out, lse) if with_lse else out
+
+
 @contextlib.contextmanager
 def reverse_schedule():
     """Fibers of each block run in reverse thread order inside this context (a kernel with a
@@ -258,3 +287,63 @@ def last_launch_stats() -> dict:
 
 def selftest(name: str, threads: int = 64) -> float:
     return load().selftest(name, int(threads))
+
+
+# ------------------------------------------------------------------------------------------
+# linear / bmm_nt (csrc/cuda/kernels/linear.cuh through sim_linear.cpp): the device launcher's
+# tile, grid and load-path choice. Bias is passed to the kernel in fp32 (an exact conversion).
+
+def _gemm_operand(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: the simulator runs on CPU tensors, got {t.device}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-d, got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name}: unsupported dtype {t.dtype}")
+    return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def linear_block_k(dtype: torch.dtype) -> int:
+    """BLOCK_K compiled into linear.cuh for ``dtype`` (must equal contract.GPU_MATMUL_BLOCK_K)."""
+    return load().linear_block_k(DTYPE_CODES[dtype])
+
+
+def linear_block_mn(dtype: torch.dtype) -> tuple[int, int]:
+    m = load()
+    return m.linear_block_m(DTYPE_CODES[dtype]), m.linear_block_n(DTYPE_CODES[dtype])
+
+
+def _gemm(x3: torch.Tensor, w3: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    m = load()
+    if x3.dtype != w3.dtype:
+        raise TypeError(f"operands must share a dtype, got {x3.dtype} and {w3.dtype}")
+    out_dtype = out_dtype or x3.dtype
+    if out_dtype not in (x3.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be {x3.dtype} or torch.float32, got {out_dtype}")
+    B, M, K = x3.shape
+    N = w3.size(1)
+    if w3.size(0) != B or w3.size(2) != K:
+        raise ValueError(f"shapes do not match: {tuple(x3.shape)} and {tuple(w3.shape)}")
+    b = None
+    if bias is not None:
+        if bias.dim() != 1 or bias.size(0) != N or bias.dtype not in (x3.dtype, torch.float32):
+            raise ValueError(f"bias must be 1-d [{N}] of {x3.dtype} or float32, got {tuple(bias.shape)} {bias.dtype}")
+        b = bias.to(torch.float32).contiguous()
+    out = torch.empty((B, M, N), dtype=out_dtype)
+    m.linear(x3.data_ptr(), x3.stride(1), x3.stride(0), w3.data_ptr(), w3.stride(1), w3.stride(0),
+             0 if b is None else b.data_ptr(), out.data_ptr(), out.stride(1), out.stride(0), B, M, N, K,
+             DTYPE_CODES[x3.dtype], DTYPE_CODES[out_dtype])
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] (any row stride, inner dim contiguous) @ weight [N, K]^T (+ bias) -> [M, N]."""
+    x = _gemm_operand(x, "x", 2)
+    w = _gemm_operand(weight, "weight", 2)
+    return _gemm(x.unsqueeze(0), w.unsqueeze(0), bias, out_dtype)[0]
+
+
+def bmm_nt(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """a [B, M, K] @ b_t [B, N, K]^T -> [B, M, N] (each batch as :func:`linear`)."""
+    return _gemm(_gemm_operand(a, "a", 3), _gemm_operand(b_t, "b_t", 3), None, out_dtype)

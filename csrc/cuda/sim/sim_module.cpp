@@ -28,6 +28,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return launch_row_op(c);
       },
       "log_softmax (0) / softmax (1) / row mean (2) on raw pointers; returns the block size used");
+  m.def(
+      "attention",
+      [](uintptr_t q, int64_t q_st, int64_t q_sh, uintptr_t kc, int64_t kc_sb, int64_t kc_ss, int64_t kc_sh,
+         uintptr_t vc, int64_t vc_sb, int64_t vc_ss, int64_t vc_sh, uintptr_t qsl, uintptr_t seq_lens, uintptr_t bt,
+         int64_t bt_s, int64_t T, int B, int Hq, int Hk, int D, int block_size, float scale, int dtype, int split,
+         uintptr_t out, uintptr_t lse) {
+        AttentionCall c{q, q_st, q_sh, kc, kc_sb, kc_ss, kc_sh, vc, vc_sb, vc_ss, vc_sh, qsl, seq_lens, bt, bt_s,
+                        T, B, Hq, Hk, D, block_size, scale, dtype, split, out, lse};
+        py::gil_scoped_release nogil;
+        launch_attention(c);
+      },
+      "paged attention forward on raw pointers (out contiguous [T, Hq, D]; lse 0 or fp32 [T, Hq])");
   m.def("rms_norm_threads", &rms_norm_block, "block size of rms_norm_kernel for a hidden size");
   m.def("row_softmax_threads", &row_op_block, "block size of the softmax-family kernels for a row length");
   m.def("set_schedule", [](int s) { set_schedule(s ? kReverse : kForward); },
@@ -41,6 +53,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["switches"] = s.switches;
     return d;
   });
+  m.def(
+      "linear",
+      [](uintptr_t x, int64_t xs, int64_t xbs, uintptr_t w, int64_t ws, int64_t wbs, uintptr_t bias, uintptr_t out,
+         int64_t os, int64_t obs, int64_t batches, int64_t M, int64_t N, int64_t K, int dtype, int odtype) {
+        LinearCall c{x, xs, xbs, w, ws, wbs, bias, out, os, obs, batches, M, N, K, dtype, odtype};
+        py::gil_scoped_release nogil;
+        launch_linear(c);
+      },
+      "linear / bmm_nt on raw pointers (bias: fp32 or 0)");
+  m.def("linear_block_k", &linear_block_k, "contract GPU_MATMUL_BLOCK_K compiled into linear.cuh (dtype code)");
+  m.def("linear_block_m", &linear_block_m);
+  m.def("linear_block_n", &linear_block_n);
   m.def("selftest", [](const char* name, int threads) { return run_selftest(name, threads); });
   m.def("math_f32", [](int which, uintptr_t in, uintptr_t out, int64_t n) {
     math_f32(which, reinterpret_cast<const float*>(in), reinterpret_cast<float*>(out), n);

@@ -40,6 +40,37 @@ int launch_row_op(const RowOpCall& c);
 int rms_norm_block(int hidden);
 int row_op_block(int64_t cols);
 
+// Paged attention forward (sim_attention.cpp, kernels/attention.cuh): q [T, Hq, D] (strides q_st,
+// q_sh), caches [NB, BS, Hk, D] (strides sb, ss, sh), int32 qsl [B+1], seq_lens [B], block table
+// rows (stride bt_s); out contiguous [T, Hq, D] of q's dtype; lse (0: none) fp32 [T, Hq].
+// split <= 0: contract::ATTN_SPLIT (another value: the tests' negative control only).
+struct AttentionCall {
+  uintptr_t q; int64_t q_st, q_sh;
+  uintptr_t kc; int64_t kc_sb, kc_ss, kc_sh;
+  uintptr_t vc; int64_t vc_sb, vc_ss, vc_sh;
+  uintptr_t qsl, seq_lens, bt; int64_t bt_s;
+  int64_t T; int B, Hq, Hk, D, block_size;
+  float scale; int dtype; int split;
+  uintptr_t out, lse;
+};
+void launch_attention(const AttentionCall& c);
+
+// linear / bmm_nt (sim_linear.cpp, kernels/linear.cuh): out[b] = x[b] @ w[b]^T (+ bias), x
+// [B, M, K], w [B, N, K] (inner dims contiguous, strides in elements), bias fp32 [N] or 0, out
+// [B, M, N] of out_dtype (dtype or kF32). The device launcher's grid / tile / load-path choice.
+struct LinearCall {
+  uintptr_t x; int64_t x_stride, x_bstride;
+  uintptr_t w; int64_t w_stride, w_bstride;
+  uintptr_t bias;
+  uintptr_t out; int64_t out_stride, out_bstride;
+  int64_t batches, M, N, K;
+  int dtype, out_dtype;
+};
+void launch_linear(const LinearCall& c);
+int linear_block_k(int dtype);  // contract GPU_MATMUL_BLOCK_K as compiled into linear.cuh
+int linear_block_m(int dtype);  // rows of x per block (the same for every M)
+int linear_block_n(int dtype);
+
 // Simulator self-tests (sim_selftest.cpp): small kernels that misuse barriers / warp operations.
 //   "missing_sync": reads a neighbour's shared-memory write without __syncthreads (its result
 //                   depends on the schedule); returns the sum of what thread 0..n-1 read.

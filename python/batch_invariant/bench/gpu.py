@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import batch_invariant as bi
+from batch_invariant import backends
 
 #: Qwen3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, MLP 12288, vocab 151936.
 QWEN3_8B = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermediate": 12288, "vocab": 151936}
@@ -78,6 +79,8 @@ class Timer:
 
 def _record(rows: list, base: dict, fn: Callable[[], dict]) -> None:
     """Run one case; its failure becomes an `error` row instead of stopping the benchmark."""
+    if "check" not in base:
+        base = {"backend": bi.get_backend(), **base}
     try:
         row = {**base, **fn()}
     except Exception as exc:  # noqa: BLE001 - every failure is reported in the CSV and the table
@@ -244,14 +247,14 @@ def _plot(path: str, rows: list[dict], title: str) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        pts = [(r["M"], r["ratio"]) for r in rows if r["shape"] == shape and "ratio" in r]
+    for key in dict.fromkeys((r["backend"], r["shape"]) for r in rows):
+        pts = [(r["M"], r["ratio"]) for r in rows if (r["backend"], r["shape"]) == key and "ratio" in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=shape)
+            ax.plot(*zip(*pts), marker="o", label=" ".join(key))
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("M (tokens)")
-    ax.set_ylabel("cuBLAS time / Triton time")
+    ax.set_ylabel("cuBLAS time / our time")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -281,12 +284,12 @@ def _verdict(row: dict, dry_run: bool = False) -> str:
 def summary_table(matmul, attention, rows, checks, dry_run: bool = False) -> str:
     lines = [f"{'case':44s} {'ms':>9s} {'base ms':>9s} {'ratio':>6s}  target"]
     for row in matmul:
-        label = f"linear {row['shape']} M={row['M']}"
+        label = f"{row['backend']} linear {row['shape']} M={row['M']}"
         lines.append(f"{label:44s} {row.get('ms', float('nan')):9.4f} {row.get('baseline_ms', float('nan')):9.4f} "
                      f"{row.get('ratio', float('nan')):6.2f}  {_verdict(row, dry_run)}")
     for row in attention + rows:
-        label = " ".join(f"{k}={row[k]}" if k != "op" else str(row[k]) for k in row
-                         if k in ("op", "batch", "context", "T", "H"))
+        label = " ".join(f"{k}={row[k]}" if k not in ("op", "backend") else str(row[k]) for k in row
+                         if k in ("backend", "op", "batch", "context", "T", "H"))
         lines.append(f"{label:44s} {row.get('ms', float('nan')):9.4f} {row.get('baseline_ms', float('nan')):9.4f} "
                      f"{row.get('ratio', float('nan')):6.2f}  {_verdict(row, dry_run)}")
     for row in checks:
@@ -317,26 +320,35 @@ def main(argv=None) -> int:
         shapes, m_values, decode, prefill = LINEAR_SHAPES, M_VALUES, DECODE_CASES, PREFILL_LENGTHS
         patch = contextlib.nullcontext()
 
-    bi.set_backend("triton")
+    # The Triton backend always; the CUDA extension's kernels beside it when it is built here
+    # (ops it does not implement run Triton kernels inside the cuda backend).
+    kernel_backends = ["triton"]
+    if not args.dry_run and backends.backend_unavailable_reason("cuda", "cuda") is None:
+        kernel_backends.append("cuda")
     torch.manual_seed(0)
     timer = Timer(device)
     name, today = gpu_name(device), date.today().isoformat()
     extra = {"gpu": name, "date": today, "torch": torch.__version__, "triton": _triton_version()}
     prefix = os.path.join(args.out, f"gpu_{_slug(name)}_{today}")
+    matmul, attention, rows = [], [], []
     with patch, torch.no_grad():
-        print(f"== {name}, torch {torch.__version__}, triton {extra['triton']}", flush=True)
+        print(f"== {name}, torch {torch.__version__}, triton {extra['triton']}, backends {kernel_backends}", flush=True)
         print("== checks", flush=True)
         checks = run_checks(device, args.dry_run)
-        print("== matmul", flush=True)
-        matmul = bench_matmul(device, timer, shapes, m_values)
-        print("== attention", flush=True)
-        attention = bench_attention(device, timer, model, decode, prefill)
-        print("== rows", flush=True)
-        rows = bench_rows(device, timer, model, m_values[:4] if not args.dry_run else m_values[:2])
-    bi.set_backend(None)
+        try:
+            for backend in kernel_backends:
+                bi.set_backend(backend)
+                print(f"== {backend}: matmul", flush=True)
+                matmul += bench_matmul(device, timer, shapes, m_values)
+                print(f"== {backend}: attention", flush=True)
+                attention += bench_attention(device, timer, model, decode, prefill)
+                print(f"== {backend}: rows", flush=True)
+                rows += bench_rows(device, timer, model, m_values[:4] if not args.dry_run else m_values[:2])
+        finally:
+            bi.set_backend(None)
     for suffix, data in (("matmul", matmul), ("attention", attention), ("rows", rows), ("checks", checks)):
         _write_csv(f"{prefix}_{suffix}.csv", data, extra)
-    _plot(f"{prefix}_matmul.png", [r for r in matmul if "ratio" in r], f"Triton linear vs cuBLAS, {name}, {today}")
+    _plot(f"{prefix}_matmul.png", [r for r in matmul if "ratio" in r], f"batch-invariant linear vs cuBLAS, {name}, {today}")
     print(f"\nwrote {prefix}_*.csv\n")
     print(summary_table(matmul, attention, rows, checks, args.dry_run))
     failed = [r for r in matmul + attention + rows + checks if "error" in r or r.get("result") == "FAIL"]

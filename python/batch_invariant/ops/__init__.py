@@ -34,6 +34,29 @@ def _load_triton_kernels() -> None:
 
 backends.register_loader("triton", _load_triton_kernels)
 
+
+def _load_cuda_kernels() -> None:
+    """The cuda backend: the kernels of batch_invariant._cuda (modules with a _register_cuda());
+    every op the extension does not implement runs the Triton kernel (issue 7: elementwise ops and
+    backward reuse Triton), when Triton is importable. The Triton launchers are registered first
+    and the extension's kernels then replace theirs."""
+    import importlib
+    import importlib.util
+
+    backends.cuda_extension()  # not built -> BackendUnavailableError (has_kernel: False)
+    if importlib.util.find_spec("triton") is not None:
+        for name in TRITON_MODULES:
+            module = importlib.import_module(f"batch_invariant.triton_kernels.{name}")
+            for op, fn in module.KERNELS.items():
+                backends.register_kernel("cuda", op, fn)
+    for module in _MODULES:
+        register = getattr(module, "_register_cuda", None)
+        if register is not None:
+            register()
+
+
+backends.register_loader("cuda", _load_cuda_kernels)
+
 #: Every custom op this package defines (name -> OpOverloadPacket), for opcheck and audits.
 OP_NAMES = ("linear", "matmul", "bmm", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "log_softmax",
             "softmax", "mean", "top_k_top_p_mask", "rotary_embedding", "write_kv_cache", "attention",

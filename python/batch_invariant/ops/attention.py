@@ -215,3 +215,11 @@ def _register_cpu():
     backends.register_kernel("cpu", "attention", ext.attention)
     backends.register_kernel("cpu", "attention_with_lse", ext.attention_with_lse)
     backends.register_kernel("cpu", "attention_backward", ext.attention_backward)
+
+
+def _register_cuda():
+    # attention / attention_with_lse: csrc/cuda/launch_attention.cu. write_kv_cache and
+    # attention_backward on the cuda backend run the Triton kernels (ops/__init__.py's loader).
+    ext = backends.cuda_extension()
+    backends.register_kernel("cuda", "attention", ext.attention)
+    backends.register_kernel("cuda", "attention_with_lse", ext.attention_with_lse)

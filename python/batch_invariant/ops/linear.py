@@ -142,6 +142,12 @@ def _register_cpu():
     backends.register_kernel("cpu", "bmm_nt", ext.bmm_nt)
 
 
+def _register_cuda():
+    ext = backends.cuda_extension()
+    backends.register_kernel("cuda", "linear", ext.linear)
+    backends.register_kernel("cuda", "bmm_nt", ext.bmm_nt)
+
+
 
 # ------------------------------------------------------------------------------------------
 # Autograd (deterministic: every gradient is a batch_invariant matmul, fixed reduction order;

@@ -85,6 +85,12 @@ def _register_cpu():
     backends.register_kernel("cpu", "fused_add_rms_norm", ext.fused_add_rms_norm)
 
 
+def _register_cuda():
+    ext = backends.cuda_extension()
+    backends.register_kernel("cuda", "rms_norm", ext.rms_norm)
+    backends.register_kernel("cuda", "fused_add_rms_norm", ext.fused_add_rms_norm)
+
+
 # ------------------------------------------------------------------------------------------
 # Autograd. fp32 math; row reductions through bi.mean and the weight gradient through a
 # batch_invariant matmul (ones @ G), so every reduction has a fixed order (deterministic).

@@ -76,6 +76,13 @@ def _register_cpu():
     backends.register_kernel("cpu", "mean", ext.row_mean)
 
 
+def _register_cuda():
+    ext = backends.cuda_extension()
+    backends.register_kernel("cuda", "log_softmax", ext.log_softmax)
+    backends.register_kernel("cuda", "softmax", ext.softmax)
+    backends.register_kernel("cuda", "mean", ext.row_mean)
+
+
 # ------------------------------------------------------------------------------------------
 # Autograd (row sums through bi.mean: fixed order).
 

@@ -1,0 +1,84 @@
+"""The CUDA extension's kernels on a GPU (bench/gpu_check.sh runs this file; elsewhere it skips):
+correctness vs the float64 references, bitwise invariance over M / company / prefill vs decode on
+the device, and the simulator's claim itself - the row and attention kernels give the same bits
+on the GPU as in the CPU SIMT simulator (the MMA-based linear is only required to be close: the
+simulator cannot reproduce the tensor cores' internal rounding)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batch_invariant as bi
+from batch_invariant import backends, cuda_sim
+from batch_invariant import testing as T
+from batch_invariant.ops.linear import linear_ref
+from batch_invariant.ops.norm import rms_norm_ref
+
+
+@pytest.fixture
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = backends.backend_unavailable_reason("cuda", "cuda")
+    if reason is not None:
+        pytest.skip(f"backend cuda: {reason}")
+    bi.set_backend("cuda")
+    yield torch.device("cuda")
+    bi.set_backend(None)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    reason = cuda_sim.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CUDA simulator cannot be built here: {reason}")
+    cuda_sim.load()
+    return cuda_sim
+
+
+def _rand(shape, dtype, seed, device, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_linear_on_gpu(gpu, dtype):
+    k, n = 4096, 1536
+    w = _rand((n, k), dtype, 1, gpu, k ** -0.5)
+    x = _rand((300, k), dtype, 2, gpu)
+    # Reason: fp32 accumulation, one rounding: one output ulp + K fp32 roundings of sum|x w|.
+    bound = (2.0 ** -7 if dtype == torch.bfloat16 else 0) + k * 2.0 ** -23 * float((x.double().abs() @ w.double().abs().T).max())
+    assert T.max_abs_error(bi.linear(x, w), linear_ref(x, w)) <= bound * 4
+    fails = T.row_invariance_mismatches(lambda rows: bi.linear(rows, w), lambda m, s: _rand((m, k), dtype, s, gpu))
+    assert not fails, fails[:5]
+    assert not T.column_block_mismatches(bi.linear, x[:33], w, [(0, 1), (5, 200), (1000, 1536)])
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+def test_rows_on_gpu_equal_the_simulator(gpu, sim, dtype):
+    x = _rand((37, 4096), dtype, 3, gpu, 3.0)
+    w = _rand((4096,), dtype, 4, gpu)
+    out = bi.rms_norm(x, w, 1e-6)
+    # Reason: an fp32 sum of 4096 squares and three roundings: a few output ulps.
+    assert T.max_abs_error(out.cpu(), rms_norm_ref(x.cpu(), w.cpu(), 1e-6)) <= 4 * float(out.abs().max()) * 2.0 ** -7
+    assert T.bits_equal(out.cpu(), sim.rms_norm(x.cpu(), w.cpu(), 1e-6))
+    logits = _rand((5, 151936), torch.float32, 5, gpu, 4.0)
+    assert T.bits_equal(bi.log_softmax(logits).cpu(), sim.log_softmax(logits.cpu()))
+    fails = T.row_invariance_mismatches(lambda rows: bi.rms_norm(rows, w, 1e-6),
+                                        lambda m, s: _rand((m, 4096), dtype, s, gpu, 3.0))
+    assert not fails, fails[:5]
+
+
+def test_attention_on_gpu_prefill_equals_decode(gpu):
+    dtype, hq, hk, d, bs = torch.bfloat16, 32, 8, 128, 16
+    lengths = [700, 33, 1]
+    k_all = [_rand((n, hk, d), dtype, 10 + i, gpu) for i, n in enumerate(lengths)]
+    v_all = [_rand((n, hk, d), dtype, 20 + i, gpu) for i, n in enumerate(lengths)]
+    q_all = [_rand((n, hq, d), dtype, 30 + i, gpu) for i, n in enumerate(lengths)]
+    runs = {}
+    for name, schedule in (("prefill", T.prefill_schedule(lengths)), ("chunked", T.chunked_schedule(lengths, 64)),
+                           ("decode", T.decode_schedule(lengths, 16))):
+        runs[name] = T.attention_schedule(bi.attention, bi.write_kv_cache, q_all, k_all, v_all, schedule,
+                                          block_size=bs)
+    for name in ("chunked", "decode"):
+        assert all(T.bits_equal(a, b) for a, b in zip(runs["prefill"], runs[name])), name
