@@ -1,17 +1,22 @@
 // Launchers of the CUDA paged attention forward: attention, attention_with_lse
 // (kernels/attention.cuh). Arguments and returns mirror the CPU extension's functions of the same
 // names (csrc/cpu/attention.cpp). Grid = (T, ceil(Hq / kAttnWarps)), block = 32 * kAttnWarps,
-// NPL = ceil(D / 32): functions of the shapes only. No host synchronisation: query_start_loc,
-// seq_lens and block_table are read by the kernel on the device only, so the CPU launcher's checks
-// of their *values* (nondecreasing query_start_loc, seq_lens >= query length, block ids in range)
-// are not repeated here (they would need a device-to-host copy); the op layer's shape / dtype /
-// device checks and these launchers' checks still run. Contracts: launchers.h.
+// NPL = ceil(D / 32): functions of the shapes only. Long-context launches with few rows take the
+// split-parallel path (attention_split_kernel + attention_combine_kernel, an fp32 workspace sized
+// from block_table.size(1) * block_size): the same bits, see kernels/attention.cuh. No host
+// synchronisation: query_start_loc, seq_lens and block_table are read by the kernel on the device
+// only, so the CPU launcher's checks of their *values* (nondecreasing query_start_loc, seq_lens >=
+// query length, block ids in range) are not repeated here (they would need a device-to-host copy);
+// the op layer's shape / dtype / device checks and these launchers' checks still run. Contracts:
+// launchers.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "kernels/attention.cuh"
@@ -23,6 +28,17 @@ namespace cuda {
 namespace {
 
 using launch::ptr;
+
+// BATCH_INVARIANT_CUDA_ATTN_PATH=sequential|split forces a path (tests, benchmarks); unset or
+// "auto": the shape-based choice. Read at every call (a getenv, no device work).
+int attention_path_override() {
+  const char* v = std::getenv("BATCH_INVARIANT_CUDA_ATTN_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return kAttnPathAuto;
+  if (std::strcmp(v, "sequential") == 0) return kAttnPathSequential;
+  if (std::strcmp(v, "split") == 0) return kAttnPathSplit;
+  TORCH_CHECK(false, "BATCH_INVARIANT_CUDA_ATTN_PATH must be auto, sequential or split, got '", v, "'");
+  return kAttnPathAuto;
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at::Tensor& key_cache,
                                                   const at::Tensor& value_cache, const at::Tensor& query_start_loc,
@@ -87,6 +103,12 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at:
   TORCH_CHECK(gy <= 65535u, op, ": too many heads for the grid (", Hq, ")");
   const dim3 grid(launch::grid_for_rows(T, op), gy), block(kAttnThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index());
+  // Path: sequential (one warp per row) or split-parallel (one warp per split + the combine
+  // kernel), chosen from the shapes and the SM count (no host sync; the bits are the same).
+  // The workspace is sized by the block table's capacity block_table.size(1) * block_size.
+  const int64_t splits = attention_max_splits(block_table.size(1) * BS, contract::ATTN_SPLIT);
+  const bool use_split = attention_use_split(attention_path_override(), T, Hq, D, splits,
+                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   launch::dispatch_float(dt, op, [&](auto tag) {
     using E = typename decltype(tag)::type;
     AttentionArgs<E> a{};
@@ -103,9 +125,21 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at:
     a.scale = float(scale);
     a.out = ptr<E>(out); a.o_st = out.stride(0); a.o_sh = out.stride(1);
     a.lse = with_lse ? lse.data_ptr<float>() : nullptr; a.lse_st = Hq;
+    at::Tensor ws;
+    if (use_split) {
+      ws = at::empty({attention_workspace_floats(T, Hq, D, splits)}, q.options().dtype(at::kFloat));
+      a.ws = ws.data_ptr<float>();
+      a.ws_splits = splits;
+    }
     dispatch_attention_npl(attention_lanes_per_thread(int(D)), [&](auto nc) {
       constexpr int NPL = decltype(nc)::value;
-      attention_fwd_kernel<E, NPL><<<grid, block, 0, stream>>>(a);
+      if (use_split) {
+        attention_split_kernel<E, NPL><<<dim3(grid.x, grid.y, unsigned(splits)), block, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        attention_combine_kernel<E, NPL><<<grid, block, 0, stream>>>(a);
+      } else {
+        attention_fwd_kernel<E, NPL><<<grid, block, 0, stream>>>(a);
+      }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

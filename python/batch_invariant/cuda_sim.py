@@ -4,7 +4,8 @@
 ``csrc/cuda/sim/`` (fibers for CUDA threads, barriers, emulated warp shuffles / votes, see
 ``csrc/cuda/sim/sim.h``) into a small pybind11 module, built once per source hash with
 ``torch.utils.cpp_extension.load`` (ninja) under
-``$BATCH_INVARIANT_CACHE`` or ``~/.cache/batch-invariant-kernels``, folder ``cuda-sim-<hash>``.
+``$BATCH_INVARIANT_CACHE`` or ``~/.cache/batch-invariant-kernels``, folder ``cuda-sim-<hash>``
+(older folders are pruned: the current one and the newest other one are kept).
 The functions here take CPU tensors, allocate outputs like the real CUDA launchers and launch the
 kernels with the same grid / block choice (``threads=`` overrides the block size: tests only).
 
@@ -12,6 +13,10 @@ Needs a C++17 compiler, ninja, the CUDA headers ``cuda_fp16.h`` / ``cuda_bf16.h`
 or the pip package ``nvidia-cuda-runtime`` / ``nvidia.cu13``) and the source tree (an editable
 install or a checkout). :func:`unavailable_reason` says which is missing; a compile error in the
 sources is raised by :func:`load`, never reported as "unavailable".
+
+Test support for the CUDA tests (tests/cuda/) also lives here: :func:`nvcc_compile` /
+:func:`nvcc_ptx` / :func:`ptx_violations` (the device compile and PTX checks of the kernel
+headers, no GPU needed) and :func:`randn` (seeded inputs).
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -39,9 +46,13 @@ CFLAGS = ("-std=c++17", "-O2", "-DBI_CUDA_SIM", "-ffp-contract=off", "-fno-fast-
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ROW_OPS = {"log_softmax": 0, "softmax": 1, "mean": 2}
+_ATTN_PATHS = {"auto": 0, "sequential": 1, "split": 2}  # kernels/attention.cuh AttnPath
+_last_attention_path = None
 
 _lock = threading.Lock()
 _module = None
+#: simulator build folders kept besides the current one (the newest by modification time).
+KEEP_OLD_BUILDS = 1
 
 
 def cuda_include_dir() -> Path | None:
@@ -128,10 +139,28 @@ def load():
         digest = _source_hash(include)
         out = cache_root() / f"cuda-sim-{digest}"
         out.mkdir(parents=True, exist_ok=True)
+        os.utime(out)  # the newest: another process's current build is the newest *other* one
         _module = cpp_load(name=f"bi_cuda_sim_{digest}", sources=[str(p) for p in _sources()],
                            extra_cflags=list(CFLAGS), extra_include_paths=[str(include)],
                            build_directory=str(out), with_cuda=False, verbose=False)
+        prune_builds(out)
         return _module
+
+
+def prune_builds(keep: Path) -> list[Path]:
+    """Removes the ``cuda-sim-*`` folders next to ``keep`` except ``keep`` and the
+    :data:`KEEP_OLD_BUILDS` newest others (as scripts/check_cuda_build.py prunes cuda-build/).
+    Returns the removed folders. A module already imported from a removed folder keeps working."""
+    others = []
+    for p in keep.parent.glob("cuda-sim-*"):
+        if p.is_dir() and p != keep:
+            with contextlib.suppress(OSError):
+                others.append((p.stat().st_mtime, p))
+    others.sort(reverse=True)
+    removed = [p for _, p in others[KEEP_OLD_BUILDS:]]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,10 +270,15 @@ def log_f32(x: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, query_start_loc: torch.Tensor,
               seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, *, with_lse: bool = False,
-              split: int | None = None):
+              split: int | None = None, path: str = "auto"):
     """Paged attention forward (kernels/attention.cuh) as the CUDA launcher runs it: returns ``out``
     (contiguous [T, Hq, D], q's dtype) or ``(out, lse)`` with ``with_lse``. ``split`` overrides the
-    contract's ATTN_SPLIT (tests only: the negative control)."""
+    contract's ATTN_SPLIT (tests only: the negative control). ``path``: ``"auto"`` (the launcher's
+    choice by shapes), or forces ``"sequential"`` (one warp per row) / ``"split"`` (one warp per
+    split + the combine kernel); :func:`last_attention_path` says which one ran."""
+    global _last_attention_path
+    if path not in _ATTN_PATHS:
+        raise ValueError(f"path must be one of {sorted(_ATTN_PATHS)}, got {path!r}")
     m = load()
     for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)):
         if t.device.type != "cpu" or t.dtype not in DTYPE_CODES or t.stride(-1) != 1:
@@ -260,12 +294,18 @@ def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
     T_, Hq, D = q.shape
     out = torch.empty((T_, Hq, D), dtype=q.dtype)
     lse = torch.empty((T_, Hq), dtype=torch.float32) if with_lse else None
-    m.attention(q.data_ptr(), q.stride(0), q.stride(1), key_cache.data_ptr(), *key_cache.stride()[:3],
-                value_cache.data_ptr(), *value_cache.stride()[:3], qsl.data_ptr(), lens.data_ptr(), bt.data_ptr(),
-                bt.stride(0), T_, lens.size(0), Hq, key_cache.size(2), D, key_cache.size(1), float(scale),
-                DTYPE_CODES[q.dtype], -1 if split is None else int(split), out.data_ptr(),
-                0 if lse is None else lse.data_ptr())
+    ran = m.attention(q.data_ptr(), q.stride(0), q.stride(1), key_cache.data_ptr(), *key_cache.stride()[:3],
+                      value_cache.data_ptr(), *value_cache.stride()[:3], qsl.data_ptr(), lens.data_ptr(), bt.data_ptr(),
+                      bt.stride(0), T_, lens.size(0), Hq, key_cache.size(2), D, key_cache.size(1), float(scale),
+                      DTYPE_CODES[q.dtype], -1 if split is None else int(split), out.data_ptr(),
+                      0 if lse is None else lse.data_ptr(), _ATTN_PATHS[path], bt.size(1))
+    _last_attention_path = {v: k for k, v in _ATTN_PATHS.items()}[ran]
     return (out, lse) if with_lse else out
+
+
+def last_attention_path() -> str | None:
+    """The path the last :func:`attention` call ran: ``"sequential"`` or ``"split"``."""
+    return _last_attention_path
 
 
 @contextlib.contextmanager
@@ -347,3 +387,78 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def bmm_nt(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """a [B, M, K] @ b_t [B, N, K]^T -> [B, M, N] (each batch as :func:`linear`)."""
     return _gemm(_gemm_operand(a, "a", 3), _gemm_operand(b_t, "b_t", 3), None, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Test support: the device compile / PTX check of the kernel headers (nvcc, no GPU needed) and
+# seeded inputs.
+
+#: the architectures the device check compiles for (sm_80: mma.sync / cp.async; sm_90a: Hopper).
+NVCC_ARCHS = ("80", "90a")
+
+#: PTX the contract's arithmetic rules out: approximate or flush-to-zero instructions, and plain
+#: (contractible) fp32 operations - every one must be an explicitly rounded _rn wrapper.
+FORBIDDEN_PTX = {
+    r"\.approx|\.ftz": "approximate / flush-to-zero instruction",
+    r"\b(add|sub|mul|fma|div|sqrt)\.f32\b": "fp32 operation without explicit rounding",
+}
+
+
+def nvcc() -> str | None:
+    """The nvcc on PATH, or None."""
+    return shutil.which("nvcc")
+
+
+def _ptx_body(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("//"))
+
+
+def _run_nvcc(args: list[str]) -> None:
+    exe = nvcc()
+    if exe is None:
+        raise RuntimeError("nvcc not on PATH")
+    proc = subprocess.run([exe, "-std=c++17", *args], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({' '.join(args)}):\n{proc.stderr[-4000:]}")
+
+
+def nvcc_compile(source: Path, workdir: Path, archs: tuple[str, ...] = NVCC_ARCHS) -> dict[str, str]:
+    """``nvcc -c`` of ``source`` for each ``sm_<arch>`` (through ptxas, as the extension build);
+    returns each arch's PTX without comment lines. Raises RuntimeError with nvcc's errors."""
+    source = Path(source)
+    keep = Path(workdir) / f"keep-{source.stem}"
+    keep.mkdir(parents=True, exist_ok=True)
+    gencode = [a for arch in archs for a in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
+    _run_nvcc([*gencode, "-c", str(source), "-o", str(keep / f"{source.stem}.o"), "-keep", "-keep-dir", str(keep)])
+    return {arch: _ptx_body((keep / f"{source.stem}.compute_{arch}.ptx").read_text()) for arch in archs}
+
+
+def nvcc_ptx(source: Path, arch: str, *, fmad: bool = True, workdir: Path | None = None) -> str:
+    """The PTX of ``source`` for ``compute_<arch>`` (``nvcc -ptx``, ``-fmad=<fmad>``) without
+    comment lines. Raises RuntimeError with nvcc's errors."""
+    import tempfile
+
+    source = Path(source)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        out = Path(tmp) / f"{source.stem}.ptx"
+        _run_nvcc([f"-arch=compute_{arch}", "-ptx", f"-fmad={'true' if fmad else 'false'}", str(source), "-o",
+                   str(out)])
+        return _ptx_body(out.read_text())
+
+
+def ptx_violations(body: str) -> list[str]:
+    """What :data:`FORBIDDEN_PTX` finds in a PTX body: ``"<reason>: <instruction line>"`` each."""
+    found = []
+    for pattern, reason in FORBIDDEN_PTX.items():
+        found += [f"{reason}: {line.strip()}" for line in body.splitlines() if re.search(pattern, line)]
+    return found
+
+
+def randn(shape, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """Seeded standard normal values times ``scale``, rounded to ``dtype`` (CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+#: unit roundoff (half an ulp of 1) per dtype.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}

@@ -27,18 +27,8 @@ def gpu():
     bi.set_backend(None)
 
 
-@pytest.fixture(scope="module")
-def sim():
-    reason = cuda_sim.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"CUDA simulator cannot be built here: {reason}")
-    cuda_sim.load()
-    return cuda_sim
-
-
 def _rand(shape, dtype, seed, device, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+    return cuda_sim.randn(shape, dtype, seed, scale).to(device)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
@@ -82,3 +72,31 @@ def test_attention_on_gpu_prefill_equals_decode(gpu):
                                           block_size=bs)
     for name in ("chunked", "decode"):
         assert all(T.bits_equal(a, b) for a, b in zip(runs["prefill"], runs[name])), name
+
+
+def test_attention_split_path_on_gpu_equals_sequential_and_the_simulator(gpu, sim, monkeypatch):
+    """Long-context decode (2 and 3 splits of 512 keys, a 1-key sequence): the split-parallel path
+    (one warp per split + the combine kernel) gives the sequential path's bits on the device, and
+    the simulator's."""
+    dtype, hq, hk, d, bs = torch.bfloat16, 8, 2, 128, 16
+    ctx = [1100, 600, 1]
+    nblk = [-(-c // bs) for c in ctx]
+    perm = torch.randperm(sum(nblk) + 2, generator=torch.Generator().manual_seed(1))
+    table, cur = torch.full((len(ctx), max(nblk) + 3), int(perm[-1]), dtype=torch.int32), 0
+    for b, n in enumerate(nblk):
+        table[b, :n] = perm[cur:cur + n]
+        cur += n
+    kc = _rand((sum(nblk) + 2, bs, hk, d), dtype, 40, "cpu")
+    vc = _rand((sum(nblk) + 2, bs, hk, d), dtype, 41, "cpu")
+    q = _rand((len(ctx), hq, d), dtype, 42, "cpu")
+    qsl = torch.arange(len(ctx) + 1, dtype=torch.int32)
+    lens = torch.tensor(ctx, dtype=torch.int32)
+    args = [t.to(gpu) for t in (q, kc, vc, qsl, lens, table)]
+    got = {}
+    for path in ("sequential", "split", "auto"):
+        monkeypatch.setenv("BATCH_INVARIANT_CUDA_ATTN_PATH", path)
+        got[path] = [t.cpu() for t in torch.ops.batch_invariant.attention_with_lse(*args, 0.088)]
+    for path in ("split", "auto"):
+        assert T.bits_equal(got[path][0], got["sequential"][0]) and T.bits_equal(got[path][1], got["sequential"][1])
+    s_out, s_lse = sim.attention(q, kc, vc, qsl, lens, table, 0.088, with_lse=True, path="split")
+    assert T.bits_equal(got["split"][0], s_out) and T.bits_equal(got["split"][1], s_lse)

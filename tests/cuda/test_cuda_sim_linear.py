@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,22 +31,8 @@ BATCHES = (1, 2, 3, 7, 16, 17, 33)
 SHAPES = ((1, 8, 16), (5, 96, 200), (17, 33, 71), (3, 136, 64), (130, 24, 72))
 
 
-@pytest.fixture(scope="module")
-def sim():
-    reason = cuda_sim.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"CUDA simulator cannot be built here: {reason}")
-    cuda_sim.load()  # a compile error in the sources fails here (never a skip)
-    return cuda_sim
-
-
-def _rand(shape, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def _unit_roundoff(dtype) -> float:
-    return {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}[dtype]
+_rand = cuda_sim.randn
+_unit_roundoff = cuda_sim.UNIT_ROUNDOFF.__getitem__
 
 
 def _rounding_steps(dtype, K: int) -> int:
@@ -219,33 +203,17 @@ def test_negative_control_split_k_is_caught(sim, monkeypatch):
 _NVCC_CHECK = Path(__file__).with_name("nvcc_check_linear.cu")
 
 
-def test_linear_kernels_compile_with_nvcc_for_sm80_and_sm90a(tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not on PATH")
-    keep = tmp_path / "keep"
-    keep.mkdir()
-    cmd = [nvcc, "-std=c++17", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
-           "-c", str(_NVCC_CHECK), "-o", str(tmp_path / "check.o"), "-keep", "-keep-dir", str(keep)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
-    for arch in ("80", "90a"):
-        ptx = (keep / f"nvcc_check_linear.compute_{arch}.ptx").read_text()
-        body = "\n".join(line for line in ptx.splitlines() if not line.startswith("//"))
+def test_linear_kernels_compile_with_nvcc_for_sm80_and_sm90a(nvcc, tmp_path):
+    for arch, body in cuda_sim.nvcc_compile(_NVCC_CHECK, tmp_path).items():
         # one instruction family per (dtype, arch): mma.sync m16n8k16 with fp32 accumulators, fed
         # by ldmatrix and cp.async; no wgmma, no TF32, nothing approximate or flushed.
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in body
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body and "cp.async.cg.shared.global" in body
-        assert not re.search(r"wgmma|tf32|\.approx|\.ftz", body)
-        assert not re.search(r"\b(add|sub|mul|fma|div|sqrt)\.f32\b", body), "fp32 operation without explicit rounding"
+        assert not re.search(r"wgmma|tf32", body)
+        assert cuda_sim.ptx_violations(body) == [], arch
         assert "fma.rn.f32" in body  # the fp32 SIMT path
     # -fmad=false changes nothing: nvcc had nothing to contract.
-    ptxs = []
-    for fmad in ("true", "false"):
-        out = tmp_path / f"fmad_{fmad}.ptx"
-        proc = subprocess.run([nvcc, "-std=c++17", "-arch=compute_90a", "-ptx", f"-fmad={fmad}", str(_NVCC_CHECK), "-o",
-                               str(out)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        ptxs.append("\n".join(line for line in out.read_text().splitlines() if not line.startswith("//")))
-    assert ptxs[0] == ptxs[1], "the PTX depends on -fmad: some fp32 arithmetic is not explicitly rounded"
+    assert (cuda_sim.nvcc_ptx(_NVCC_CHECK, "90a", workdir=tmp_path)
+            == cuda_sim.nvcc_ptx(_NVCC_CHECK, "90a", fmad=False, workdir=tmp_path)), \
+        "the PTX depends on -fmad: some fp32 arithmetic is not explicitly rounded"

@@ -8,9 +8,6 @@ instructions, no contractible plain fp32 operations)."""
 from __future__ import annotations
 
 import math
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,22 +29,11 @@ WIDTHS = (1, 17, 300, 1100, 9000)
 ROW_OPS = ("rms_norm", "fused_add_rms_norm", "log_softmax", "softmax", "mean")
 
 
-@pytest.fixture(scope="module")
-def sim():
-    reason = cuda_sim.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"CUDA simulator cannot be built here: {reason}")
-    cuda_sim.load()  # a compile error in the sources fails here (never a skip)
-    return cuda_sim
-
-
 def _rand(shape, dtype, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    return cuda_sim.randn(shape, dtype, seed, scale)
 
 
-def _unit_roundoff(dtype) -> float:
-    return {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}[dtype]
+_unit_roundoff = cuda_sim.UNIT_ROUNDOFF.__getitem__
 
 
 def _order_terms(width: int, dtype, threads: int) -> float:
@@ -337,27 +323,24 @@ def test_simulator_detects_missing_barriers_and_warp_misuse(sim):
 _NVCC_CHECK = Path(__file__).with_name("nvcc_check.cu")
 
 
-def test_headers_compile_with_nvcc_for_sm80_and_sm90a(tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not on PATH")
-    keep = tmp_path / "keep"
-    keep.mkdir()
-    cmd = [nvcc, "-std=c++17", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
-           "-c", str(_NVCC_CHECK), "-o", str(tmp_path / "check.o"), "-keep", "-keep-dir", str(keep)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
-    ptx = (keep / "nvcc_check.compute_90a.ptx").read_text()
-    body = "\n".join(line for line in ptx.splitlines() if not line.startswith("//"))
-    # The contract's arithmetic is exactly rounded: no approximate or flush-to-zero instructions,
-    # and no plain (contractible) fp32 operations - every one is an explicit _rn wrapper.
-    assert not re.search(r"\.approx|\.ftz", body), "approximate / ftz instruction in the kernels"
-    assert not re.search(r"\b(add|sub|mul|fma|div|sqrt)\.f32\b", body), "fp32 operation without explicit rounding"
+def test_headers_compile_with_nvcc_for_sm80_and_sm90a(nvcc, tmp_path):
+    body = cuda_sim.nvcc_compile(_NVCC_CHECK, tmp_path)["90a"]
+    # The contract's arithmetic is exactly rounded (cuda_sim.FORBIDDEN_PTX).
+    assert cuda_sim.ptx_violations(body) == []
     assert "shfl.sync.bfly.b32" in body and "bar.sync" in body
     # -fmad=false changes nothing: nvcc had nothing to contract.
-    nofmad = tmp_path / "nofmad.ptx"
-    proc = subprocess.run([nvcc, "-std=c++17", "-arch=compute_90a", "-ptx", "-fmad=false", str(_NVCC_CHECK), "-o",
-                           str(nofmad)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    body2 = "\n".join(line for line in nofmad.read_text().splitlines() if not line.startswith("//"))
-    assert body2 == body, "the PTX depends on -fmad: some fp32 arithmetic is not explicitly rounded"
+    assert cuda_sim.nvcc_ptx(_NVCC_CHECK, "90a", fmad=False, workdir=tmp_path) == body, \
+        "the PTX depends on -fmad: some fp32 arithmetic is not explicitly rounded"
+
+
+def test_prune_keeps_the_current_build_and_the_newest_other(tmp_path):
+    import os
+
+    folders = [tmp_path / f"cuda-sim-{i:016x}" for i in range(4)]
+    for i, f in enumerate(folders):
+        f.mkdir()
+        os.utime(f, (1000 + i, 1000 + i))
+    (tmp_path / "cuda-build").mkdir()  # not a simulator build
+    removed = cuda_sim.prune_builds(folders[0])  # the current build, the oldest by time
+    assert sorted(removed) == folders[1:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folders[0].name, folders[3].name, "cuda-build"])

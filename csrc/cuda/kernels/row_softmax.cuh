@@ -45,36 +45,63 @@ inline int row_softmax_threads(int64_t cols) { return row_threads_for(cols); }
 
 namespace detail {
 
-template <typename T, int THREADS>
-BI_DEV float row_max(const T* x, int64_t V, bool x_al, float* scratch) {
+// Calls f(c, n, z) for each chunk c of this thread (c = threadIdx.x, + THREADS, ...) in
+// increasing order, with z[0..n) the chunk's values in fp32 (z[n..VEC) = 0).
+template <typename T, int THREADS, typename F>
+BI_DEV void for_each_chunk(const T* x, int64_t V, bool x_al, F&& f) {
   constexpr int VEC = Chunk<T>::VEC;
   const int64_t nchunks = (V + VEC - 1) / VEC;
-  float acc = uint_as_float(0xff800000u);  // -inf
   for (int64_t c = int(threadIdx.x); c < nchunks; c += THREADS) {
     const int n = int(V - c * VEC < VEC ? V - c * VEC : VEC);
     float z[VEC];
     load_chunk<VEC>(x, c, n, x_al, z);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (j < n) acc = MaxOp::apply(acc, z[j]);
+    f(c, n, z);
   }
-  return block_reduce<MaxOp, THREADS>(acc, scratch);
 }
 
-template <typename T, int THREADS>
-BI_DEV float row_sumexp(const T* x, int64_t V, bool x_al, float mx, float* scratch) {
+// The row's reduction (order: row_common.cuh): per thread acc = Op::apply(acc, g(z_v)) over its
+// elements from `init`, then block_reduce<Op>. Every thread returns the same bits.
+template <typename Op, typename T, int THREADS, typename G>
+BI_DEV float row_fold(const T* x, int64_t V, bool x_al, float init, G g, float* scratch) {
   constexpr int VEC = Chunk<T>::VEC;
-  const int64_t nchunks = (V + VEC - 1) / VEC;
-  float acc = 0.0f;
-  for (int64_t c = int(threadIdx.x); c < nchunks; c += THREADS) {
-    const int n = int(V - c * VEC < VEC ? V - c * VEC : VEC);
-    float z[VEC];
-    load_chunk<VEC>(x, c, n, x_al, z);
+  float acc = init;
+  for_each_chunk<T, THREADS>(x, V, x_al, [&](int64_t, int n, const float (&z)[VEC]) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      if (j < n) acc = add_rn(acc, exp_f32(sub_rn(z[j], mx)));
-  }
-  return block_reduce<SumOp, THREADS>(acc, scratch);
+      if (j < n) acc = Op::apply(acc, g(z[j]));
+  });
+  return block_reduce<Op, THREADS>(acc, scratch);
+}
+
+struct Identity {
+  BI_DEV float operator()(float v) const { return v; }
+};
+struct ExpShifted {  // exp_f32(v - mx)
+  float mx;
+  BI_DEV float operator()(float v) const { return exp_f32(sub_rn(v, mx)); }
+};
+
+// log_softmax (LOG) / softmax of one row (block = THREADS threads; red_max / red_sum: the two
+// reductions' shared-memory scratch).
+template <bool LOG, typename T, typename O, int THREADS>
+BI_DEV void softmax_row(const RowSoftmaxArgs<T, O>& a, float* red_max, float* red_sum) {
+  const int64_t row = blockIdx.x;
+  if (row >= a.rows) return;  // block-uniform
+  constexpr int VEC = Chunk<T>::VEC;
+  const int64_t V = a.cols;
+  const T* x = a.x + row * a.x_stride;
+  O* out = a.out + row * a.out_stride;
+  const bool x_al = aligned16(x), out_al = aligned16(out);
+
+  const float mx = row_fold<MaxOp, T, THREADS>(x, V, x_al, uint_as_float(0xff800000u) /* -inf */, Identity{},
+                                               red_max);
+  const float s = row_fold<SumOp, T, THREADS>(x, V, x_al, 0.0f, ExpShifted{mx}, red_sum);
+  const float lse = LOG ? log_f32(s) : 0.0f;
+  for_each_chunk<T, THREADS>(x, V, x_al, [&](int64_t c, int n, float (&z)[VEC]) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) z[j] = LOG ? sub_rn(sub_rn(z[j], mx), lse) : div_rn(exp_f32(sub_rn(z[j], mx)), s);
+    store_chunk<VEC>(out, c, n, out_al, z);
+  });
 }
 
 }  // namespace detail
@@ -83,50 +110,14 @@ template <typename T, typename O, int THREADS>
 __global__ void __launch_bounds__(THREADS) log_softmax_kernel(RowSoftmaxArgs<T, O> a) {
   __shared__ float red_max[THREADS / kWarp];
   __shared__ float red_sum[THREADS / kWarp];
-  const int64_t row = blockIdx.x;
-  if (row >= a.rows) return;  // block-uniform
-  constexpr int VEC = Chunk<T>::VEC;
-  const int64_t V = a.cols;
-  const int64_t nchunks = (V + VEC - 1) / VEC;
-  const T* x = a.x + row * a.x_stride;
-  O* out = a.out + row * a.out_stride;
-  const bool x_al = aligned16(x), out_al = aligned16(out);
-
-  const float mx = detail::row_max<T, THREADS>(x, V, x_al, red_max);
-  const float lse = log_f32(detail::row_sumexp<T, THREADS>(x, V, x_al, mx, red_sum));
-  for (int64_t c = int(threadIdx.x); c < nchunks; c += THREADS) {
-    const int n = int(V - c * VEC < VEC ? V - c * VEC : VEC);
-    float z[VEC];
-    load_chunk<VEC>(x, c, n, x_al, z);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) z[j] = sub_rn(sub_rn(z[j], mx), lse);
-    store_chunk<VEC>(out, c, n, out_al, z);
-  }
+  detail::softmax_row<true, T, O, THREADS>(a, red_max, red_sum);
 }
 
 template <typename T, typename O, int THREADS>
 __global__ void __launch_bounds__(THREADS) softmax_kernel(RowSoftmaxArgs<T, O> a) {
   __shared__ float red_max[THREADS / kWarp];
   __shared__ float red_sum[THREADS / kWarp];
-  const int64_t row = blockIdx.x;
-  if (row >= a.rows) return;  // block-uniform
-  constexpr int VEC = Chunk<T>::VEC;
-  const int64_t V = a.cols;
-  const int64_t nchunks = (V + VEC - 1) / VEC;
-  const T* x = a.x + row * a.x_stride;
-  O* out = a.out + row * a.out_stride;
-  const bool x_al = aligned16(x), out_al = aligned16(out);
-
-  const float mx = detail::row_max<T, THREADS>(x, V, x_al, red_max);
-  const float s = detail::row_sumexp<T, THREADS>(x, V, x_al, mx, red_sum);
-  for (int64_t c = int(threadIdx.x); c < nchunks; c += THREADS) {
-    const int n = int(V - c * VEC < VEC ? V - c * VEC : VEC);
-    float z[VEC];
-    load_chunk<VEC>(x, c, n, x_al, z);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) z[j] = div_rn(exp_f32(sub_rn(z[j], mx)), s);
-    store_chunk<VEC>(out, c, n, out_al, z);
-  }
+  detail::softmax_row<false, T, O, THREADS>(a, red_max, red_sum);
 }
 
 template <typename T, typename O, int THREADS>
@@ -134,22 +125,9 @@ __global__ void __launch_bounds__(THREADS) row_mean_kernel(RowSoftmaxArgs<T, O> 
   __shared__ float red_sum[THREADS / kWarp];
   const int64_t row = blockIdx.x;
   if (row >= a.rows) return;  // block-uniform
-  constexpr int VEC = Chunk<T>::VEC;
-  const int64_t V = a.cols;
-  const int64_t nchunks = (V + VEC - 1) / VEC;
   const T* x = a.x + row * a.x_stride;
-  const bool x_al = aligned16(x);
-  float acc = 0.0f;
-  for (int64_t c = int(threadIdx.x); c < nchunks; c += THREADS) {
-    const int n = int(V - c * VEC < VEC ? V - c * VEC : VEC);
-    float z[VEC];
-    load_chunk<VEC>(x, c, n, x_al, z);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (j < n) acc = add_rn(acc, z[j]);
-  }
-  const float sum = block_reduce<SumOp, THREADS>(acc, red_sum);
-  if (threadIdx.x == 0) a.out[row] = from_f32<O>(div_rn(sum, float(V)));
+  const float sum = detail::row_fold<SumOp, T, THREADS>(x, a.cols, aligned16(x), 0.0f, detail::Identity{}, red_sum);
+  if (threadIdx.x == 0) a.out[row] = from_f32<O>(div_rn(sum, float(a.cols)));
 }
 
 }  // namespace cuda

@@ -33,13 +33,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](uintptr_t q, int64_t q_st, int64_t q_sh, uintptr_t kc, int64_t kc_sb, int64_t kc_ss, int64_t kc_sh,
          uintptr_t vc, int64_t vc_sb, int64_t vc_ss, int64_t vc_sh, uintptr_t qsl, uintptr_t seq_lens, uintptr_t bt,
          int64_t bt_s, int64_t T, int B, int Hq, int Hk, int D, int block_size, float scale, int dtype, int split,
-         uintptr_t out, uintptr_t lse) {
+         uintptr_t out, uintptr_t lse, int path, int64_t bt_cols) {
         AttentionCall c{q, q_st, q_sh, kc, kc_sb, kc_ss, kc_sh, vc, vc_sb, vc_ss, vc_sh, qsl, seq_lens, bt, bt_s,
-                        T, B, Hq, Hk, D, block_size, scale, dtype, split, out, lse};
+                        T, B, Hq, Hk, D, block_size, scale, dtype, split, out, lse, path, bt_cols};
         py::gil_scoped_release nogil;
-        launch_attention(c);
+        return launch_attention(c);
       },
-      "paged attention forward on raw pointers (out contiguous [T, Hq, D]; lse 0 or fp32 [T, Hq])");
+      "paged attention forward on raw pointers (out contiguous [T, Hq, D]; lse 0 or fp32 [T, Hq]); path: 0 auto, "
+      "1 sequential, 2 split-parallel; returns the path run");
   m.def("rms_norm_threads", &rms_norm_block, "block size of rms_norm_kernel for a hidden size");
   m.def("row_softmax_threads", &row_op_block, "block size of the softmax-family kernels for a row length");
   m.def("set_schedule", [](int s) { set_schedule(s ? kReverse : kForward); },

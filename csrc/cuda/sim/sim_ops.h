@@ -52,8 +52,11 @@ struct AttentionCall {
   int64_t T; int B, Hq, Hk, D, block_size;
   float scale; int dtype; int split;
   uintptr_t out, lse;
+  int path;  // AttnPath: 0 auto (the device launcher's choice for kAttnSimSmCount SMs), 1 sequential, 2 split
+  int64_t bt_cols;  // block_table.size(1): max_ctx = bt_cols * block_size sizes the split workspace
 };
-void launch_attention(const AttentionCall& c);
+// Returns the path run (1 sequential, 2 split-parallel).
+int launch_attention(const AttentionCall& c);
 
 // linear / bmm_nt (sim_linear.cpp, kernels/linear.cuh): out[b] = x[b] @ w[b]^T (+ bias), x
 // [B, M, K], w [B, N, K] (inner dims contiguous, strides in elements), bias fp32 [N] or 0, out

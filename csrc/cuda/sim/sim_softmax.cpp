@@ -4,58 +4,36 @@
 #include <string>
 
 #include "../kernels/row_softmax.cuh"
-#include "sim_ops.h"
+#include "sim_tensors.h"
 
 namespace bi {
 namespace cuda {
 namespace sim {
-namespace {
-
-template <typename T>
-struct Tag { using type = T; };
-
-template <typename F>
-void dispatch_dtype(int code, F&& f) {
-  switch (code) {
-    case kF32: f(Tag<float>{}); break;
-    case kBF16: f(Tag<__nv_bfloat16>{}); break;
-    case kF16: f(Tag<__half>{}); break;
-    default: throw std::invalid_argument("cuda sim: unknown dtype code " + std::to_string(code));
-  }
-}
-
-}  // namespace
 
 int row_op_block(int64_t cols) { return row_softmax_threads(cols); }
 
 int launch_row_op(const RowOpCall& c) {
   const int threads = c.threads > 0 ? c.threads : row_softmax_threads(c.cols);
   if (c.rows == 0 || c.cols == 0) return threads;
-  if (c.out_dtype != c.dtype && c.out_dtype != kF32)
-    throw std::invalid_argument("cuda sim: out dtype must be x's dtype or float32");
   if (c.op < kLogSoftmax || c.op > kRowMean)
     throw std::invalid_argument("cuda sim: unknown row op " + std::to_string(c.op));
-  dispatch_dtype(c.dtype, [&](auto tag) {
+  dispatch_dtype_pair(c.dtype, c.out_dtype, "out", [&](auto tag, auto otag) {
     using T = typename decltype(tag)::type;
-    auto run = [&](auto otag) {
-      using O = typename decltype(otag)::type;
-      RowSoftmaxArgs<T, O> a;
-      a.x = reinterpret_cast<const T*>(c.x);
-      a.x_stride = c.x_stride;
-      a.out = reinterpret_cast<O*>(c.out);
-      a.out_stride = c.out_stride;
-      a.rows = c.rows;
-      a.cols = c.cols;
-      dispatch_threads(threads, [&](auto tc) {
-        constexpr int THREADS = decltype(tc)::value;
-        const dim3 grid(unsigned(c.rows)), block(THREADS);
-        if (c.op == kLogSoftmax) launch(grid, block, &log_softmax_kernel<T, O, THREADS>, a);
-        else if (c.op == kSoftmax) launch(grid, block, &softmax_kernel<T, O, THREADS>, a);
-        else launch(grid, block, &row_mean_kernel<T, O, THREADS>, a);
-      });
-    };
-    if (c.out_dtype == kF32) run(Tag<float>{});
-    else run(Tag<T>{});
+    using O = typename decltype(otag)::type;
+    RowSoftmaxArgs<T, O> a;
+    a.x = Addr{c.x};
+    a.x_stride = c.x_stride;
+    a.out = Addr{c.out};
+    a.out_stride = c.out_stride;
+    a.rows = c.rows;
+    a.cols = c.cols;
+    dispatch_threads(threads, [&](auto tc) {
+      constexpr int THREADS = decltype(tc)::value;
+      const dim3 grid(unsigned(c.rows)), block(THREADS);
+      if (c.op == kLogSoftmax) launch(grid, block, &log_softmax_kernel<T, O, THREADS>, a);
+      else if (c.op == kSoftmax) launch(grid, block, &softmax_kernel<T, O, THREADS>, a);
+      else launch(grid, block, &row_mean_kernel<T, O, THREADS>, a);
+    });
   });
   return threads;
 }
