@@ -24,10 +24,9 @@ namespace {
 // contract.compiled_constants()).
 pybind11::dict contract_constants() {
   pybind11::dict d;
-  d["CONTRACT_VERSION"] = bi::contract::CONTRACT_VERSION;
-  d["CPU_LANES"] = bi::contract::CPU_LANES;
-  d["ATTN_TILE_N"] = bi::contract::ATTN_TILE_N;
-  d["ATTN_SPLIT"] = bi::contract::ATTN_SPLIT;
+#define BI_REPORT(name) d[#name] = bi::contract::name;
+  BI_CONTRACT_FOR_EACH(BI_REPORT)
+#undef BI_REPORT
   return d;
 }
 

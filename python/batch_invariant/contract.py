@@ -82,4 +82,6 @@ def render_c_header() -> str:
     ]
     lines += [f"constexpr int {name} = {value};" for name, value in compiled_constants().items()]
     lines += ["} }  // namespace bi::contract", ""]
+    # X-macro over the names, so the extensions' contract_constants() reports each one without a list of its own.
+    lines += ["#define BI_CONTRACT_FOR_EACH(X) " + " ".join(f"X({name})" for name in compiled_constants()), ""]
     return "\n".join(lines)
