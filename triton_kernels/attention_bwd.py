@@ -74,6 +74,17 @@ def _find_sequence(tile, tile_starts_ptr, num_seqs):
 
 
 @triton.jit
+def _tile_sequence(tile, tile_starts_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs):
+    """For a program's tile: its sequence, that sequence's first query row, query count and context
+    length, and the tile's index within the sequence."""
+    seq = _find_sequence(tile, tile_starts_ptr, num_seqs)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    ctx = tl.load(seq_lens_ptr + seq)
+    return seq, q_start, q_len, ctx, tile - tl.load(tile_starts_ptr + seq)
+
+
+@triton.jit
 def _load_kv_tile(cache_ptr, table_row_ptr, key_pos, key_valid, kv_head, page_size,
                   stride_block, stride_slot, stride_head, offs_d, d_valid):
     """Keys (or values) at logical positions ``key_pos`` of one sequence, gathered through its
@@ -99,14 +110,12 @@ def _dq_kernel(q_ptr, do_ptr, o_ptr, lse_ptr, k_cache_ptr, v_cache_ptr, block_ta
     head = pid % NUM_HEADS
     if tile >= tl.load(tile_starts_ptr + num_seqs):
         return  # the grid is an upper bound on the number of query tiles (no host sync)
-    seq = _find_sequence(tile, tile_starts_ptr, num_seqs)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    ctx = tl.load(seq_lens_ptr + seq)
+    seq, q_start, q_len, ctx, nth = _tile_sequence(tile, tile_starts_ptr, query_start_loc_ptr, seq_lens_ptr,
+                                                   num_seqs)
     first_pos = ctx - q_len
     # Query tiles are aligned to absolute positions, not to the sequence's first query; the last
     # tile (the most keys to visit) goes to the first program of the sequence.
-    m = (ctx - 1) // BLOCK_Q - (tile - tl.load(tile_starts_ptr + seq))
+    m = (ctx - 1) // BLOCK_Q - nth
     pos = m * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_valid = (pos >= first_pos) & (pos < ctx)
     token = (q_start + pos - first_pos).to(tl.int64)
@@ -163,12 +172,9 @@ def _dkdv_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, k_cache_ptr, v_cache_ptr, bl
     kv_head = pid % NUM_KV_HEADS
     if tile >= tl.load(tile_starts_ptr + num_seqs):
         return  # the grid is an upper bound on the number of key tiles (no host sync)
-    seq = _find_sequence(tile, tile_starts_ptr, num_seqs)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    ctx = tl.load(seq_lens_ptr + seq)
+    seq, q_start, q_len, ctx, n = _tile_sequence(tile, tile_starts_ptr, query_start_loc_ptr, seq_lens_ptr,
+                                                 num_seqs)
     first_pos = ctx - q_len
-    n = tile - tl.load(tile_starts_ptr + seq)
     key_pos = n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
     key_valid = key_pos < ctx
     offs_d = tl.arange(0, BLOCK_D)

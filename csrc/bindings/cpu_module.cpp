@@ -5,24 +5,14 @@
 
 #include "../cpu/common.h"
 #include "../cpu/launchers.h"
+#include "contract_dict.h"
 
 using namespace pybind11::literals;
-namespace {
-
-pybind11::dict contract_constants() {
-  pybind11::dict d;
-#define BI_REPORT(name) d[#name] = bi::contract::name;
-  BI_CONTRACT_FOR_EACH(BI_REPORT)
-#undef BI_REPORT
-  return d;
-}
-
-}  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
   namespace cpu = bi::cpu;
   m.doc() = "batch_invariant CPU kernels (fixed reduction order, batch-invariant)";
-  m.def("contract_constants", &contract_constants, "contract values this build was compiled with");
+  m.def("contract_constants", &bi::contract_constants, "contract values this build was compiled with");
   m.def("detected_isa", [] { return std::string(cpu::isa_name(cpu::detected_isa())); });
   m.def("active_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
 

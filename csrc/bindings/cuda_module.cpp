@@ -11,7 +11,7 @@
 #include <string>
 
 #include "../cuda/launchers.h"
-#include "../generated/bi_contract.h"
+#include "contract_dict.h"
 
 #ifndef BI_CUDA_ARCHS
 #define BI_CUDA_ARCHS "unknown"
@@ -19,16 +19,6 @@
 
 using namespace pybind11::literals;
 namespace {
-
-// The same keys and values as batch_invariant._cpu.contract_constants() (tests compare both with
-// contract.compiled_constants()).
-pybind11::dict contract_constants() {
-  pybind11::dict d;
-#define BI_REPORT(name) d[#name] = bi::contract::name;
-  BI_CONTRACT_FOR_EACH(BI_REPORT)
-#undef BI_REPORT
-  return d;
-}
 
 // How this module was built: the CUDA targets (BATCH_INVARIANT_CUDA_ARCHS) and the CUDA runtime
 // version it was compiled against. Touches no device.
@@ -44,7 +34,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_cuda, m) {
   namespace cuda = bi::cuda;
   m.doc() = "batch_invariant CUDA kernels (fixed reduction order, batch-invariant)";
-  m.def("contract_constants", &contract_constants, "contract values this build was compiled with");
+  m.def("contract_constants", &bi::contract_constants, "contract values this build was compiled with");
   m.def("build_info", &build_info, "CUDA targets and runtime version this build was compiled for");
 
   m.def("rms_norm", &cuda::rms_norm, "x"_a, "weight"_a, "eps"_a);
