@@ -37,6 +37,23 @@ def arch_key(device: torch.device) -> str:
     return _arch_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=16)
+def _sms_of(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device: torch.device, *, interpreter: int) -> int:
+    """The device's SM count (sizes work splits that never change bits); `interpreter` stands in
+    for it under the Triton interpreter, chosen by each launcher to keep its test shapes small."""
+    if arch_key(device) == "interpreter":
+        return interpreter
+    return device_sms(device)
+
+
+def device_sms(device: torch.device) -> int:
+    return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def row_block(width: int, cap: int = 4096) -> int:
     """The fixed block (power of two) a row of `width` elements is processed in: a function of
     the width only, so every row of a tensor -- and a row alone -- takes the same reduction tree."""

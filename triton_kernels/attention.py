@@ -30,7 +30,6 @@ The choice depends on the launch shape only and never changes a bit (the tests c
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -252,13 +251,6 @@ def _combine_splits_kernel(ws_acc_ptr, ws_m_ptr, ws_l_ptr, ws_splits, query_star
 # Launchers
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(arch: str, index: int) -> int:
-    if arch == "interpreter":
-        return 1  # keeps interpreter launches small; the work split never changes the bits
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _config(head_size: int, dtype: torch.dtype, arch: str) -> dict:
     """Launch configuration: a function of the head size, dtype and device only. Warps sized so
     the two fp32 accumulators (split state + fold) fit in registers (sm_90 ptxas: no spills up to
@@ -338,7 +330,8 @@ def _forward(q, key_cache, value_cache, query_start_loc, seq_lens, block_table, 
     base_programs = q_tiles * num_kv_heads * head_chunks
     ws_splits = -(-capacity // split)
     ws_bytes = num_tokens * num_heads * ws_splits * (cfg["D_PAD"] + 2) * 4
-    sms = _num_sms(arch, q.device.index or 0)
+    # One SM under the interpreter keeps its launches small; the work split never changes the bits.
+    sms = _launch.sm_count(q.device, interpreter=1)
     if split_parallel is None:
         split_parallel = (ws_splits > 1 and base_programs < _SPLIT_MODE_PROGRAMS_PER_SM * sms
                           and ws_bytes <= _WORKSPACE_BUDGET_BYTES)

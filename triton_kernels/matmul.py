@@ -1,10 +1,16 @@
 """Triton matmul backend: ``linear`` (y = x @ w.T + b) and ``bmm_nt``, batch-invariant.
 
-Contract (contract.py ``GPU_MATMUL_BLOCK_K``, docs/invariance.md): every output element is one fp32
-accumulator that walks K from 0 upward in steps of BLOCK_K (a constant per dtype, never chosen by M
-or N), one ``tl.dot`` per step; the masked K tail loads zeros; fp32 operands use IEEE fp32 (never
-TF32); no split-K, no autotuning. The bias is added in fp32 after the full K sum and the result is
-rounded once to the output dtype.
+Contract (contract.py ``GPU_MATMUL_BLOCK_K`` / ``GPU_MATMUL_K_CHUNK``, docs/invariance.md): K is cut
+into chunks of K_CHUNK elements from k = 0; each chunk is one fp32 accumulator per output element
+that starts at +0 and walks the chunk upward in steps of BLOCK_K (a constant per dtype, never chosen
+by M or N), one ``tl.dot`` per step, the masked K tail loading zeros; the chunk sums are added left
+to right to a total that starts at -0.0 (exact: -0 + x == x). fp32 operands use IEEE fp32 (never
+TF32); no autotuning. The bias is added in fp32 after the total and the result is rounded once.
+
+The chunks are realised two ways with the same bits: *fused* (one program per output tile keeps a
+second accumulator, the total) and *split* (one program per (tile, chunk) stores its fp32 chunk sum;
+``_chunk_combine_kernel`` adds them in chunk order). Split is used when the output tiles alone
+would leave most SMs idle (small M: decode); which one runs never changes an element's arithmetic.
 
 What may change with M is the output tile (BLOCK_M x BLOCK_N, warps, stages): the per-element K
 order stays the same, but whether the tensor-core instruction sequence gives the same bits for
@@ -25,11 +31,14 @@ from . import _launch, interpreter
 
 
 @triton.jit
-def _nt_matmul_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K,
+def _nt_matmul_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, M, N, K,
                       stride_xb, stride_xm, stride_xk, stride_wb, stride_wn, stride_wk, stride_yb, stride_ym,
-                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """y[b, m, n] = sum_k x[b, m, k] * w[b, n, k] (+ bias[n]) for one BLOCK_M x BLOCK_N tile."""
+                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      K_CHUNK: tl.constexpr, GROUP_M: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of y[b] = x[b] @ w[b].T (+ bias). Fused (SPLIT false): all of K,
+    chunk sums added in order into the total, bias, one rounding into y. Split: only chunk
+    program_id(2), its fp32 sum stored into the partials part[b, chunk] (layout [B, chunks, M, N])."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -43,6 +52,12 @@ def _nt_matmul_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K,
     band_height = tl.minimum(tiles_m - first_tile_m, GROUP_M)
     tile_m = first_tile_m + (pid % tiles_per_band) % band_height
     tile_n = (pid % tiles_per_band) // band_height
+    if SPLIT:
+        k_begin = tl.program_id(2) * K_CHUNK
+        k_end = tl.minimum(k_begin + K_CHUNK, K)
+    else:
+        k_begin = 0
+        k_end = K
 
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,11 +66,12 @@ def _nt_matmul_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K,
     # no M/N mask, and an element's value never depends on what its neighbours in the tile hold.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    x_ptrs = x_ptr + batch * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + batch * stride_wb + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+    x_ptrs = x_ptr + batch * stride_xb + rows[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
+    w_ptrs = w_ptr + batch * stride_wb + cols[None, :] * stride_wn + (k_begin + offs_k)[:, None] * stride_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the current chunk's sum, from +0
+    total = tl.full((BLOCK_M, BLOCK_N), -0.0, dtype=tl.float32)  # -0.0: the first add is exact
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
@@ -70,13 +86,42 @@ def _nt_matmul_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K,
             acc = tl.dot(a, b, acc)  # bf16/fp16 operands, fp32 accumulation on the tensor cores
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+        if not SPLIT:
+            # A chunk ends where the next k is a multiple of K_CHUNK or past K: add it, restart at +0.
+            if ((k0 + BLOCK_K) % K_CHUNK == 0) | (k0 + BLOCK_K >= K):
+                total += acc
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    if HAS_BIAS:
-        # After the full K sum, in fp32 (bf16/fp16 -> fp32 is exact).
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + batch * stride_yb + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)  # one rounding (RTNE)
+    if SPLIT:
+        chunks = tl.cdiv(K, K_CHUNK)
+        part_ptrs = (part_ptr + (batch * chunks + tl.program_id(2)) * M * N
+                     + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :])
+        tl.store(part_ptrs, acc, mask=y_mask)
+    else:
+        if HAS_BIAS:
+            # After the full K sum, in fp32 (bf16/fp16 -> fp32 is exact).
+            total += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + batch * stride_yb + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)  # one rounding (RTNE)
+
+
+@triton.jit
+def _chunk_combine_kernel(part_ptr, bias_ptr, y_ptr, M, N, chunks, stride_yb, stride_ym,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[b, m, n] = round(((-0.0 + part[b, 0]) + part[b, 1]) + ... (+ bias[n])): the fused
+    kernel's total, in the same order, from the split kernel's chunk sums."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    batch = tl.program_id(1).to(tl.int64)
+    mask = offs < M * N
+    total = tl.full((BLOCK,), -0.0, dtype=tl.float32)
+    for c in range(0, chunks):
+        total += tl.load(part_ptr + (batch * chunks + c) * M * N + offs, mask=mask, other=0.0)
+    row = offs // N
+    col = offs % N
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + batch * stride_yb + row * stride_ym + col, total.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,34 +261,61 @@ def _check_pair(op: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtyp
 
 
 _MAX_GRID_Y = 65535
+#: Stand-in SM count under the interpreter: small, so that tiny test shapes cross the fused/split
+#: switch the way decode shapes do on a GPU.
+_INTERPRETER_SMS = 8
+_COMBINE_BLOCK = 1024
 
 
-def _run(x, w, bias, y, batches: int, M: int, N: int, K: int, strides, config: MatmulConfig | None) -> None:
+def use_split(tiles: int, batches: int, K: int, device: torch.device) -> bool:
+    """Split-parallel chunks when K has several and the output tiles alone leave SMs idle. A
+    function of the shapes and the device; either way the bits are the same (tested)."""
+    chunks = triton.cdiv(K, contract.GPU_MATMUL_K_CHUNK)
+    return chunks > 1 and tiles * batches < _launch.sm_count(device, interpreter=_INTERPRETER_SMS)
+
+
+def _run(x, w, bias, y, batches: int, M: int, N: int, K: int, strides, config: MatmulConfig | None,
+         split: bool | None = None) -> None:
     if batches == 0 or M == 0 or N == 0:
+        return
+    if K == 0:  # the empty sum is +0 (the kernels' -0.0 start would leak its sign)
+        y.copy_(torch.zeros((), device=y.device) if bias is None else bias.float().expand(y.shape))
         return
     if x.device.type == "cpu":
         interpreter.require_exact_dot("linear")
     name = _dtype_name(x.dtype)
     block_k = contract.GPU_MATMUL_BLOCK_K[name]
+    k_chunk = contract.GPU_MATMUL_K_CHUNK
     cfg = config if config is not None else matmul_config(x.dtype, M, _launch.arch_key(x.device))
     stages = _fit_stages(cfg, block_k, x.element_size(), x.device)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    chunks = triton.cdiv(K, k_chunk)
+    if split is None:
+        split = use_split(tiles, batches, K, x.device)
+    meta = dict(HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_K=block_k, K_CHUNK=k_chunk, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=stages,
+                enable_fp_fusion=False)
     # The batch is grid axis 1 (at most 65535 on CUDA): very large batches go in slices.
     for start in range(0, batches, _MAX_GRID_Y):
         count = min(batches, start + _MAX_GRID_Y) - start
         xs, ws, ys = (x, w, y) if count == batches else (x[start:start + count], w[start:start + count],
                                                          y[start:start + count])
-        _nt_matmul_kernel[(tiles, count)](
-            xs, ws, ys if bias is None else bias, ys, M, N, K, *strides,
-            HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=stages)
+        bias_arg = ys if bias is None else bias
+        if not split:
+            _nt_matmul_kernel[(tiles, count, 1)](xs, ws, bias_arg, ys, ys, M, N, K, *strides, SPLIT=False, **meta)
+            continue
+        part = torch.empty((count, chunks, M, N), dtype=torch.float32, device=x.device)
+        _nt_matmul_kernel[(tiles, count, chunks)](xs, ws, bias_arg, ys, part, M, N, K, *strides, SPLIT=True, **meta)
+        _chunk_combine_kernel[(triton.cdiv(M * N, _COMBINE_BLOCK), count)](
+            part, bias_arg, ys, M, N, chunks, strides[6], strides[7], HAS_BIAS=bias is not None,
+            BLOCK=_COMBINE_BLOCK, num_warps=4, enable_fp_fusion=False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-           *, _config: MatmulConfig | None = None) -> torch.Tensor:
+           *, _config: MatmulConfig | None = None, _split: bool | None = None) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias [N], weight dtype or fp32) -> [M, N] in out_dtype.
-    ``_config`` forces a launch config (tests, acceptance script); otherwise :func:`matmul_config`."""
+    ``_config`` forces a launch config (tests, acceptance script), otherwise :func:`matmul_config`;
+    ``_split`` forces the split (True) or fused (False) realisation, otherwise :func:`use_split`."""
     _launch.check_device("linear", x, weight, bias)
     _check_operand("linear x", x, 2)
     _check_operand("linear weight", weight, 2)
@@ -257,12 +329,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
         bias = bias.contiguous()
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     strides = (0, x.stride(0), x.stride(1), 0, weight.stride(0), weight.stride(1), 0, y.stride(0))
-    _run(x, weight, bias, y, 1, M, N, K, strides, _config)
+    _run(x, weight, bias, y, 1, M, N, K, strides, _config, _split)
     return y
 
 
 def bmm_nt(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype,
-           *, _config: MatmulConfig | None = None) -> torch.Tensor:
+           *, _config: MatmulConfig | None = None, _split: bool | None = None) -> torch.Tensor:
     """a [B, M, K] @ b_t[B, N, K].T per batch -> [B, M, N]; each batch has the bits of :func:`linear`."""
     _launch.check_device("bmm_nt", a, b_t)
     _check_operand("bmm_nt a", a, 3)
@@ -275,7 +347,7 @@ def bmm_nt(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype,
     y = torch.empty((B, M, N), dtype=out_dtype, device=a.device)
     strides = (a.stride(0), a.stride(1), a.stride(2), b_t.stride(0), b_t.stride(1), b_t.stride(2),
                y.stride(0), y.stride(1))
-    _run(a, b_t, None, y, B, M, N, K, strides, _config)
+    _run(a, b_t, None, y, B, M, N, K, strides, _config, _split)
     return y
 
 

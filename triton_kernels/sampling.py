@@ -261,7 +261,7 @@ def _config(vocab: int, device: torch.device) -> tuple[int, int]:
     per thread (ptxas, sm_90: 127 registers, no spills, so one 16-warp program per SM) and 8 KiB
     of loads are in flight per chunk. The interpreter takes 128-wide chunks so that
     interpreter-sized rows (V of a few hundred) exercise the multi-chunk path."""
-    block = max(_launch.row_block(vocab, cap=128 if device.type == "cpu" else 2048), 16)
+    block = max(_launch.row_block(vocab, cap=128 if _launch.arch_key(device) == "interpreter" else 2048), 16)
     return block, 16 if block >= 2048 else 8 if block >= 1024 else 4 if block >= 256 else 2 if block >= 64 else 1
 
 

@@ -15,7 +15,7 @@ them as launch arguments. Prose version: ``docs/invariance.md``.
 from __future__ import annotations
 
 #: Bumped whenever a reduction order below changes (so old logprobs are no longer reproducible).
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: GPU matmul sums K in GPU_MATMUL_K_CHUNK chunks
 
 # --------------------------------------------------------------------------------------------
 # CPU reduction structure (shared by every CPU row reduction: matmul dot products, RMSNorm sum of
@@ -49,10 +49,16 @@ ATTN_TILE_N = 32
 ATTN_SPLIT = 512
 
 # --------------------------------------------------------------------------------------------
-# GPU matmul (Triton / CUDA): BLOCK_K fixed per dtype, never chosen by M or N. K is reduced
-# sequentially in BLOCK_K steps with one fp32 accumulator per output element; fp32 inputs use
-# IEEE fp32 (never TF32).
+# GPU matmul (Triton / CUDA): BLOCK_K fixed per dtype, never chosen by M or N; fp32 inputs use
+# IEEE fp32 (never TF32). K is cut into chunks of GPU_MATMUL_K_CHUNK elements from k = 0 (a multiple
+# of every BLOCK_K; the last chunk may be short). Each chunk is summed from +0 in BLOCK_K steps, k
+# ascending, on one fp32 accumulator per output element; the chunk sums are then added left to right
+# to a total that starts at -0.0 (IEEE's additive identity: -0 + x == x for every x, signed zeros
+# included, so the first add is exact). Bias (fp32) after the total; one rounding.
+# Small M realises the chunks on separate thread blocks (fp32 partials + an ordered combine), large
+# M as a second accumulator inside each block: the same bits, a function of K only.
 GPU_MATMUL_BLOCK_K = {"bfloat16": 64, "float16": 64, "float32": 32}
+GPU_MATMUL_K_CHUNK = 1024
 
 # --------------------------------------------------------------------------------------------
 # Logprob modes (vLLM ``logprobs_mode`` semantics for the sampled token):
@@ -70,6 +76,7 @@ def compiled_constants() -> dict[str, int]:
         "CPU_LANES": CPU_LANES,
         "ATTN_TILE_N": ATTN_TILE_N,
         "ATTN_SPLIT": ATTN_SPLIT,
+        "GPU_MATMUL_K_CHUNK": GPU_MATMUL_K_CHUNK,
     }
 
 

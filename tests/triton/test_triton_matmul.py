@@ -192,6 +192,89 @@ def test_deterministic(triton_device):
 
 
 # ------------------------------------------------------------------------------------------
+# K chunks (contract GPU_MATMUL_K_CHUNK): fused and split realisations, the same bits
+
+#: (M, N, K): one chunk, a short last chunk with a BLOCK_K tail, two and three chunks.
+CPU_CHUNK_SHAPES = [(3, 40, 1024), (5, 24, 1030), (2, 16, 2048), (17, 33, 2100)]
+GPU_CHUNK_SHAPES = [(1, 4096, 4096), (16, 4096, 12288), (64, 6144, 4096), (300, 4096, 4100)]
+
+
+def _chunk_shapes(device):
+    return CPU_CHUNK_SHAPES if _small(device) else GPU_CHUNK_SHAPES
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_and_fused_chunks_same_bits(triton_device, dtype):
+    for case, (m, n, k) in enumerate(_chunk_shapes(triton_device)):
+        x = _rand(m, k, dtype=dtype, seed=case, device=triton_device)
+        w = _weight(n, k, dtype, 10 + case, triton_device)
+        b = _rand(n, dtype=torch.float32, seed=20 + case, device=triton_device)
+        for bias, out_dtype in ((None, dtype), (b, dtype), (b, torch.float32)):
+            fused = mm.linear(x, w, bias, out_dtype, _split=False)
+            split = mm.linear(x, w, bias, out_dtype, _split=True)
+            assert T.bits_equal(split, fused), (m, n, k, bias is not None, out_dtype)
+        _assert_close(x, w, b, fused, linear_ref(x, w, b), dtype)
+    # Batched: every batch's chunks combine separately.
+    m, n, k = _chunk_shapes(triton_device)[-1]
+    a = _rand(3, m, k, dtype=dtype, seed=5, device=triton_device)
+    b_t = _rand(3, n, k, dtype=dtype, seed=6, device=triton_device, scale=k ** -0.5)
+    assert T.bits_equal(mm.bmm_nt(a, b_t, torch.float32, _split=True), mm.bmm_nt(a, b_t, torch.float32, _split=False))
+
+
+def _chunk_order_emulation(x, w, bias, reverse=False):
+    """The contract's order with the kernel as the per-chunk primitive: each K_CHUNK slice summed
+    alone (one chunk, from +0), the fp32 chunk sums added left to right from -0.0, then the bias."""
+    chunk = contract.GPU_MATMUL_K_CHUNK
+    sums = [mm.linear(x[:, c:c + chunk].contiguous(), w[:, c:c + chunk].contiguous(), None, torch.float32)
+            for c in range(0, x.size(1), chunk)]
+    total = torch.full_like(sums[0], -0.0)
+    for part in (reversed(sums) if reverse else sums):
+        total = total + part
+    return total if bias is None else total + bias
+
+
+def test_chunks_follow_the_contract_order(triton_device):
+    """The full-K result equals the chunk sums added in order, bitwise, on both realisations; the
+    negative control (the same sums right to left) differs, so the comparison can fail."""
+    m, n, k = (9, 40, 3 * contract.GPU_MATMUL_K_CHUNK + 70) if _small(triton_device) else (64, 4096, 12288)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _rand(m, k, dtype=dtype, seed=1, device=triton_device)
+        w = _weight(n, k, dtype, 2, triton_device)
+        b = _rand(n, dtype=torch.float32, seed=3, device=triton_device)
+        expect = _chunk_order_emulation(x, w, b)
+        for split in (False, True):
+            assert T.bits_equal(mm.linear(x, w, b, torch.float32, _split=split), expect), (dtype, split)
+        assert not T.bits_equal(_chunk_order_emulation(x, w, b, reverse=True), expect), dtype
+
+
+def test_row_invariance_across_the_split_switch(triton_device, monkeypatch):
+    """Under auto the realisation changes with M (split while the tiles leave SMs idle); the
+    probe row's bits must not. The sweep is checked to cross the switch."""
+    small = _small(triton_device)
+    if small:
+        # Interpreter tiles (16x32 up to M=16, 32x64, 64x32, then 128x128) with 6 pretend SMs and
+        # N=200: 7, 4, 7, 2 tiles -> fused, split, fused, split.
+        monkeypatch.setattr(mm, "_INTERPRETER_SMS", 6)
+        n, k, batches = 200, 2100, CPU_BATCHES
+    else:
+        n, k, batches = 4096, 4096, GPU_BATCHES + (1024, 2048)
+    decisions = set()
+    real = mm.use_split
+
+    def recording(*args):
+        decisions.add(real(*args))
+        return real(*args)
+
+    monkeypatch.setattr(mm, "use_split", recording)
+    w = _weight(n, k, torch.bfloat16, 7, triton_device)
+    fails = T.row_invariance_mismatches(lambda x: bi.linear(x, w),
+                                        lambda m, s: _rand(m, k, dtype=torch.bfloat16, seed=s, device=triton_device),
+                                        batch_sizes=batches)
+    assert not fails, fails[:5]
+    assert decisions == {True, False}, f"the sweep did not cross the fused/split switch: {decisions}"
+
+
+# ------------------------------------------------------------------------------------------
 # M buckets: used only where verified bitwise
 
 
