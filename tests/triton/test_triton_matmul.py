@@ -252,12 +252,12 @@ def test_row_invariance_across_the_split_switch(triton_device, monkeypatch):
     probe row's bits must not. The sweep is checked to cross the switch."""
     small = _small(triton_device)
     if small:
-        # Interpreter tiles (16x32 up to M=16, 32x64, 64x32, then 128x128) with 6 pretend SMs and
+        # Interpreter tiles (16x32 up to M=16, 32x64, 64x32, then 128x128) with 8 pretend SMs and
         # N=200: 7, 4, 7, 2 tiles -> fused, split, fused, split.
-        monkeypatch.setattr(mm, "_INTERPRETER_SMS", 6)
+        monkeypatch.setattr(mm, "_INTERPRETER_SMS", 8)
         n, k, batches = 200, 2100, CPU_BATCHES
     else:
-        n, k, batches = 4096, 4096, GPU_BATCHES + (1024, 2048)
+        n, k, batches = 4096, 4096, GPU_BATCHES + (1024, 2048)  # 128x128 tiles: split up to M=256
     decisions = set()
     real = mm.use_split
 

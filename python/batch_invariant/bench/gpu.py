@@ -108,9 +108,14 @@ def bench_matmul(device, timer, shapes, m_values, dtype=torch.bfloat16) -> list[
                 err = (ours.double() - F.linear(x.double(), w.double())).abs().max().item()
                 ms, base_ms = timer(lambda: bi.linear(x, w)), timer(lambda: F.linear(x, w))
                 flop = 2.0 * m * n * k
-                return {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 2), "baseline": "torch F.linear",
-                        "baseline_ms": round(base_ms, 4), "baseline_tflops": round(flop / base_ms / 1e9, 2),
-                        "ratio": _ratio(base_ms, ms), "max_abs_err_vs_fp64": f"{err:.3g}"}
+                row = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 2), "baseline": "torch F.linear",
+                       "baseline_ms": round(base_ms, 4), "baseline_tflops": round(flop / base_ms / 1e9, 2),
+                       "ratio": _ratio(base_ms, ms), "max_abs_err_vs_fp64": f"{err:.3g}"}
+                if bi.get_backend() == "triton":
+                    # What the K-chunk split buys where auto picks it (same bits either way).
+                    from batch_invariant.triton_kernels import matmul as triton_matmul
+                    row["fused_only_ms"] = round(timer(lambda: triton_matmul.linear(x, w, None, dtype, _split=False)), 4)
+                return row
             _record(rows, {"op": "linear", "shape": name, "dtype": str(dtype)[6:], "M": m, "N": n, "K": k}, case)
     return rows
 
