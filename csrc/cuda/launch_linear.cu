@@ -1,18 +1,24 @@
 // Launchers of the CUDA GEMM: linear and bmm_nt (kernels/linear.cuh). One tile configuration per
 // dtype (bf16 / fp16: mma.sync 128 x 128 x 64, 256 threads, 3-stage cp.async pipeline in dynamic
-// shared memory; fp32: SIMT fma 64 x 64 x 32), never chosen by M or N; grid x = M tiles, y = N
-// tiles, z = batches (slices of 65535); the current CUDA stream of the inputs' device. The
-// kernels' K order and the checks / returns mirror csrc/cpu/linear.cpp (launchers.h).
+// shared memory; fp32: SIMT fma 64 x 64 x 32), never chosen by M or N; the current CUDA stream of
+// the inputs' device. K is summed in contract chunks (GPU_MATMUL_K_CHUNK) realised in one of two
+// ways with the same bits (kernels/linear.cuh): fused (grid x = M tiles, y = N tiles, z = batches
+// in slices of 65535) or, when K has several chunks and the output tiles x batches are fewer than
+// the device's SMs, split-parallel (grid x = M tiles x chunks writing fp32 chunk sums to a torch
+// workspace on the same stream, then the ordered combine kernel). linear_plan (kernels/
+// linear_plan.cuh) decides from the shapes and the SM count; BATCH_INVARIANT_CUDA_LINEAR_PATH=
+// auto|fused|split overrides it (tests, benchmarks). The checks / returns mirror
+// csrc/cpu/linear.cpp (launchers.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <climits>
 #include <optional>
+#include <string>
 
-#include "kernels/linear.cuh"
+#include "kernels/linear_plan.cuh"
 #include "launch_utils.h"
 #include "launchers.h"
 
@@ -22,8 +28,6 @@ namespace {
 
 using launch::Tag;
 using launch::ptr;
-
-constexpr int64_t kMaxGridZ = 65535;
 
 // A float CUDA tensor of `dim` dims with a contiguous last dim (any other strides).
 void check_operand(const at::Tensor& t, const char* op, const char* name, int64_t dim, const char* dims) {
@@ -40,15 +44,26 @@ void check_sizes(int64_t M, int64_t N, int64_t K, const char* op) {
               " must each fit in int");
 }
 
-// out[b] = x[b] @ w[b]^T (+ bias) for b < B; out contiguous [B, M, N].
+// The path BATCH_INVARIANT_CUDA_LINEAR_PATH asks for (unset: auto); a bad value is an error. Read
+// at every call (a getenv, no device work), as the attention launcher's path knob.
+int linear_path_override(const char* op) {
+  std::string error;
+  const int path = linear_path_from_env(&error);
+  TORCH_CHECK(path >= 0, op, ": ", error);
+  return path;
+}
+
+// out[b] = x[b] @ w[b]^T (+ bias) for b < B; out contiguous [B, M, N]. x_name / w_name: the
+// operands' names in the op's messages.
 void run_gemm(const at::Tensor& x, int64_t x_stride, int64_t x_bstride, const at::Tensor& w, int64_t w_stride,
               int64_t w_bstride, const float* bias, const at::Tensor& out, int64_t B, int64_t M, int64_t N,
-              int64_t K, const char* op) {
+              int64_t K, const char* op, const char* x_name, const char* w_name) {
+  const int path = linear_path_override(op);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index());
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   launch::dispatch_in_out(x.scalar_type(), out.scalar_type(), op, [&](auto itag, auto otag) {
     using T = typename decltype(itag)::type;
     using O = typename decltype(otag)::type;
-    using Tile = LinearTile<T>;
     LinearArgs<T, O> a{};
     a.x = ptr<const T>(x);
     a.x_stride = x_stride;
@@ -63,21 +78,22 @@ void run_gemm(const at::Tensor& x, int64_t x_stride, int64_t x_bstride, const at
     a.M = int(M);
     a.N = int(N);
     a.K = int(K);
-    const int64_t n_tiles = (N + Tile::BN - 1) / Tile::BN;
-    TORCH_CHECK(n_tiles <= 65535, op, ": N = ", N, " needs ", n_tiles, " column tiles (grid.y limit 65535)");
+    const LinearPlan plan = linear_plan<T>(path, B, M, N, K, sm_count);
+    TORCH_CHECK(plan.error.empty(), op, ": ", plan.error, " (", x_name, ": ", launch::describe(x), "; ", w_name,
+                ": ", launch::describe(w), ")");
     const bool vec = linear_vec_ok<T>(a.x, x_stride, x_bstride, a.w, w_stride, w_bstride, B, a.K);
-    auto kernel = linear_kernel_for<T, O>(vec);
-    const size_t smem = Tile::kDynamicSmem;
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    const dim3 block(Tile::THREADS);
-    for (int64_t b0 = 0; b0 < B; b0 += kMaxGridZ) {
-      a.batch0 = b0;
-      const dim3 grid(unsigned((M + Tile::BM - 1) / Tile::BM), unsigned(n_tiles),
-                      unsigned(std::min<int64_t>(kMaxGridZ, B - b0)));
-      kernel<<<grid, block, smem, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    // fp32 chunk sums of the split path: a torch allocation on the launch's stream (caching
+    // allocator: freed when `ws` goes out of scope, reused only after the stream's kernels).
+    at::Tensor ws;
+    if (plan.ws_floats > 0) ws = at::empty({plan.ws_floats}, x.options().dtype(at::kFloat));
+    linear_run(plan, a, B, vec, ws.defined() ? ws.data_ptr<float>() : nullptr,
+               [&](dim3 grid, dim3 block, size_t smem, auto kernel, const auto& args) {
+                 if (smem > 48 * 1024)
+                   C10_CUDA_CHECK(
+                       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+                 kernel<<<grid, block, smem, stream>>>(args);
+                 C10_CUDA_KERNEL_LAUNCH_CHECK();
+               });
   });
 }
 
@@ -125,7 +141,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (M == 0 || N == 0) return out;
   const int64_t ldx = x.stride(0), ldw = weight.stride(0);
   run_gemm(x, ldx, 0, weight, ldw, 0, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, out, 1, M, N,
-           K, op);
+           K, op, "x", "weight");
   return out;
 }
 
@@ -146,7 +162,7 @@ at::Tensor bmm_nt(const at::Tensor& a, const at::Tensor& b_t, at::ScalarType out
   at::Tensor out =
       at::empty({B, M, N}, a.options().dtype(out_dtype).memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || M == 0 || N == 0) return out;
-  run_gemm(a, a.stride(1), a.stride(0), b_t, b_t.stride(1), b_t.stride(0), nullptr, out, B, M, N, K, op);
+  run_gemm(a, a.stride(1), a.stride(0), b_t, b_t.stride(1), b_t.stride(0), nullptr, out, B, M, N, K, op, "a", "b_t");
   return out;
 }
 

@@ -34,7 +34,13 @@ at::Tensor row_mean(const at::Tensor& x, at::ScalarType out_dtype);
 // x: [M, K] (row stride any, inner dim contiguous), weight: [N, K] (same dtype, inner dim
 // contiguous), bias: none or [N] (weight dtype or float32); out_dtype: x's dtype or float32.
 // Returns a new contiguous [M, N] tensor. bmm_nt: a [B, M, K], b_t [B, N, K] -> [B, M, N].
-// K order: kernels/linear.cuh (contract GPU_MATMUL_BLOCK_K; linear_block_k reports it).
+// K order (kernels/linear.cuh; contract GPU_MATMUL_BLOCK_K, GPU_MATMUL_K_CHUNK): K in chunks of
+// GPU_MATMUL_K_CHUNK from k = 0, each summed from +0 in BLOCK_K steps (k ascending) on one fp32
+// accumulator, the chunk sums added left to right to a total starting at -0.0f, then the fp32 bias,
+// one rounding. Realised fused (one block per output tile) or, for launches with few output tiles
+// and several chunks, split-parallel (one block per tile and chunk + an ordered combine kernel,
+// with an fp32 workspace): the same bits; BATCH_INVARIANT_CUDA_LINEAR_PATH=auto|fused|split forces
+// one (any other value: an error). linear_block_k reports BLOCK_K.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   at::ScalarType out_dtype);
 at::Tensor bmm_nt(const at::Tensor& a, const at::Tensor& b_t, at::ScalarType out_dtype);

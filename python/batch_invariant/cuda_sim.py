@@ -48,6 +48,12 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ROW_OPS = {"log_softmax": 0, "softmax": 1, "mean": 2}
 _ATTN_PATHS = {"auto": 0, "sequential": 1, "split": 2}  # kernels/attention.cuh AttnPath
 _last_attention_path = None
+_LINEAR_PATHS = {"auto": 0, "fused": 1, "split": 2}  # kernels/linear_plan.cuh LinearPath
+_LINEAR_PATH_NAMES = {v: k for k, v in _LINEAR_PATHS.items()}
+_last_linear_path = None
+#: the SM count the simulated linear's auto path choice assumes (the device launcher asks the
+#: device): small, so that small test shapes cross the split-parallel / fused switch.
+SIM_SM_COUNT = 4
 
 _lock = threading.Lock()
 _module = None
@@ -105,10 +111,11 @@ def unavailable_reason() -> str | None:
 def _source_hash(include: Path) -> str:
     h = hashlib.sha256()
     # what the simulator compiles: the wrapper header, the kernel bodies, the shim and its module
-    files = sorted({CUDA_SRC / "intrinsics.cuh", *(CUDA_SRC / "kernels").rglob("*"), *SIM_SRC.rglob("*")})
+    files = sorted({CUDA_SRC / "intrinsics.cuh", *(CUDA_SRC / "kernels").rglob("*"), *SIM_SRC.rglob("*"),
+                    *(_CSRC / "generated").glob("*.h")})  # the contract constants the kernels include
     files = [p for p in files if p.is_file() and p.suffix in (".cuh", ".h", ".cpp")]
     for p in files:
-        h.update(str(p.relative_to(CUDA_SRC)).encode())
+        h.update(str(p.relative_to(_CSRC)).encode())
         h.update(p.read_bytes())
     for part in (*CFLAGS, str(include), torch.__version__, sys.version.split()[0], os.environ.get("CXX", "c++")):
         h.update(part.encode())
@@ -331,7 +338,12 @@ def selftest(name: str, threads: int = 64) -> float:
 
 # ------------------------------------------------------------------------------------------
 # linear / bmm_nt (csrc/cuda/kernels/linear.cuh through sim_linear.cpp): the device launcher's
-# tile, grid and load-path choice. Bias is passed to the kernel in fp32 (an exact conversion).
+# plan (kernels/linear_plan.cuh: tile, grid, load path, fused vs split-parallel path). Bias is
+# passed to the kernel in fp32 (an exact conversion).
+#
+# ``path``: None reads BATCH_INVARIANT_CUDA_LINEAR_PATH as the device launcher does (unset: auto;
+# a bad value raises ValueError); "auto" / "fused" / "split" force it. ``sm_count``: the SM count
+# the auto choice assumes (:data:`SIM_SM_COUNT`). :func:`last_linear_path` says which path ran.
 
 def _gemm_operand(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
     if t.device.type != "cpu":
@@ -348,12 +360,19 @@ def linear_block_k(dtype: torch.dtype) -> int:
     return load().linear_block_k(DTYPE_CODES[dtype])
 
 
+def linear_k_chunk() -> int:
+    """The K chunk compiled into linear.cuh (must equal contract.GPU_MATMUL_K_CHUNK)."""
+    return load().linear_k_chunk()
+
+
 def linear_block_mn(dtype: torch.dtype) -> tuple[int, int]:
-    m = load()
-    return m.linear_block_m(DTYPE_CODES[dtype]), m.linear_block_n(DTYPE_CODES[dtype])
+    return load().linear_block_m(DTYPE_CODES[dtype]), load().linear_block_n(DTYPE_CODES[dtype])
 
 
-def _gemm(x3: torch.Tensor, w3: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+def _gemm(x3: torch.Tensor, w3: torch.Tensor, bias, out_dtype, path, sm_count) -> torch.Tensor:
+    global _last_linear_path
+    if path is not None and path not in _LINEAR_PATHS:
+        raise ValueError(f"path must be None or one of {sorted(_LINEAR_PATHS)}, got {path!r}")
     m = load()
     if x3.dtype != w3.dtype:
         raise TypeError(f"operands must share a dtype, got {x3.dtype} and {w3.dtype}")
@@ -370,23 +389,41 @@ def _gemm(x3: torch.Tensor, w3: torch.Tensor, bias, out_dtype) -> torch.Tensor:
             raise ValueError(f"bias must be 1-d [{N}] of {x3.dtype} or float32, got {tuple(bias.shape)} {bias.dtype}")
         b = bias.to(torch.float32).contiguous()
     out = torch.empty((B, M, N), dtype=out_dtype)
-    m.linear(x3.data_ptr(), x3.stride(1), x3.stride(0), w3.data_ptr(), w3.stride(1), w3.stride(0),
-             0 if b is None else b.data_ptr(), out.data_ptr(), out.stride(1), out.stride(0), B, M, N, K,
-             DTYPE_CODES[x3.dtype], DTYPE_CODES[out_dtype])
+    ran = m.linear(x3.data_ptr(), x3.stride(1), x3.stride(0), w3.data_ptr(), w3.stride(1), w3.stride(0),
+                   0 if b is None else b.data_ptr(), out.data_ptr(), out.stride(1), out.stride(0), B, M, N, K,
+                   DTYPE_CODES[x3.dtype], DTYPE_CODES[out_dtype], -1 if path is None else _LINEAR_PATHS[path],
+                   int(sm_count))
+    _last_linear_path = _LINEAR_PATH_NAMES[ran]
     return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, *, path: str | None = None,
+           sm_count: int = SIM_SM_COUNT) -> torch.Tensor:
     """x [M, K] (any row stride, inner dim contiguous) @ weight [N, K]^T (+ bias) -> [M, N]."""
     x = _gemm_operand(x, "x", 2)
     w = _gemm_operand(weight, "weight", 2)
-    return _gemm(x.unsqueeze(0), w.unsqueeze(0), bias, out_dtype)[0]
+    return _gemm(x.unsqueeze(0), w.unsqueeze(0), bias, out_dtype, path, sm_count)[0]
 
 
-def bmm_nt(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def bmm_nt(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype | None = None, *, path: str | None = None,
+           sm_count: int = SIM_SM_COUNT) -> torch.Tensor:
     """a [B, M, K] @ b_t [B, N, K]^T -> [B, M, N] (each batch as :func:`linear`)."""
-    return _gemm(_gemm_operand(a, "a", 3), _gemm_operand(b_t, "b_t", 3), None, out_dtype)
+    return _gemm(_gemm_operand(a, "a", 3), _gemm_operand(b_t, "b_t", 3), None, out_dtype, path, sm_count)
+
+
+def linear_plan(dtype: torch.dtype, M: int, N: int, K: int, *, batches: int = 1, path: str = "auto",
+                sm_count: int = SIM_SM_COUNT) -> dict:
+    """The device launcher's plan for these shapes (kernels/linear_plan.cuh), computed without
+    running anything: ``path`` ("fused" / "split": the one that would run), ``m_tiles``,
+    ``n_tiles``, ``chunks``, ``ws_floats``, ``combine_blocks``, ``error`` ("" or why it cannot run)."""
+    d = dict(load().linear_plan(DTYPE_CODES[dtype], _LINEAR_PATHS[path], batches, M, N, K, int(sm_count)))
+    return {**d, "path": _LINEAR_PATH_NAMES[d["path"]]}
+
+
+def last_linear_path() -> str | None:
+    """The path the last :func:`linear` / :func:`bmm_nt` call ran: ``"fused"`` or ``"split"``."""
+    return _last_linear_path
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,23 +450,46 @@ def _ptx_body(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.startswith("//"))
 
 
-def _run_nvcc(args: list[str]) -> None:
+def _run_nvcc(args: list[str]) -> str:
     exe = nvcc()
     if exe is None:
         raise RuntimeError("nvcc not on PATH")
     proc = subprocess.run([exe, "-std=c++17", *args], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed ({' '.join(args)}):\n{proc.stderr[-4000:]}")
+    return proc.stderr
 
 
-def nvcc_compile(source: Path, workdir: Path, archs: tuple[str, ...] = NVCC_ARCHS) -> dict[str, str]:
+def _spilling_kernels(ptxas_verbose: str, allowed: dict[str, int] | None = None) -> list[str]:
+    """The entries of ``ptxas -v`` output that spill registers to local memory, except entries
+    whose name contains a key of `allowed` and spill at most that many bytes."""
+    found = []
+    for section in ptxas_verbose.split("Compiling entry function ")[1:]:
+        name = section.split(maxsplit=1)[0]
+        stores = re.search(r"(\d+) bytes spill stores", section)
+        spilled = int(stores.group(1)) if stores else 0
+        limit = max((v for k, v in (allowed or {}).items() if k in name), default=0)
+        if spilled > limit:
+            arch = section.split(" for ", 1)[1].split(maxsplit=1)[0]
+            found.append(f"{name} ({arch}): {spilled} bytes spill stores")
+    return found
+
+
+def nvcc_compile(source: Path, workdir: Path, archs: tuple[str, ...] = NVCC_ARCHS,
+                 allowed_spill_bytes: dict[str, int] | None = None) -> dict[str, str]:
     """``nvcc -c`` of ``source`` for each ``sm_<arch>`` (through ptxas, as the extension build);
-    returns each arch's PTX without comment lines. Raises RuntimeError with nvcc's errors."""
+    returns each arch's PTX without comment lines. Raises RuntimeError with nvcc's errors, and
+    when ptxas spills a kernel's registers to local memory (a performance bug), except kernels
+    named in `allowed_spill_bytes` (name part -> bytes; the caller states why it is harmless)."""
     source = Path(source)
     keep = Path(workdir) / f"keep-{source.stem}"
     keep.mkdir(parents=True, exist_ok=True)
     gencode = [a for arch in archs for a in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
-    _run_nvcc([*gencode, "-c", str(source), "-o", str(keep / f"{source.stem}.o"), "-keep", "-keep-dir", str(keep)])
+    verbose = _run_nvcc([*gencode, "-c", str(source), "-o", str(keep / f"{source.stem}.o"), "-keep",
+                         "-keep-dir", str(keep), "-Xptxas", "-v"])
+    spills = _spilling_kernels(verbose, allowed_spill_bytes)
+    if spills:
+        raise RuntimeError(f"ptxas spills registers in {source.name}:\n" + "\n".join(spills))
     return {arch: _ptx_body((keep / f"{source.stem}.compute_{arch}.ptx").read_text()) for arch in archs}
 
 

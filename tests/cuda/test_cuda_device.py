@@ -2,7 +2,8 @@
 correctness vs the float64 references, bitwise invariance over M / company / prefill vs decode on
 the device, and the simulator's claim itself - the row and attention kernels give the same bits
 on the GPU as in the CPU SIMT simulator (the MMA-based linear is only required to be close: the
-simulator cannot reproduce the tensor cores' internal rounding)."""
+simulator cannot reproduce the tensor cores' internal rounding), and the linear's two realisations
+of the K chunks (fused, split-parallel) give the same bits on the device."""
 from __future__ import annotations
 
 import pytest
@@ -100,3 +101,29 @@ def test_attention_split_path_on_gpu_equals_sequential_and_the_simulator(gpu, si
         assert T.bits_equal(got[path][0], got["sequential"][0]) and T.bits_equal(got[path][1], got["sequential"][1])
     s_out, s_lse = sim.attention(q, kc, vc, qsl, lens, table, 0.088, with_lse=True, path="split")
     assert T.bits_equal(got["split"][0], s_out) and T.bits_equal(got["split"][1], s_lse)
+
+
+def test_linear_split_path_on_gpu_equals_fused(gpu, monkeypatch):
+    """K chunks (contract GPU_MATMUL_K_CHUNK) on the device, Qwen3-8B-like shapes: the split-parallel
+    path (one block per tile and chunk + the ordered combine) gives the fused kernel's bits, for
+    the M the auto rule sends either way; bias and fp32 output through the combine too; the path
+    knob rejects a bad value."""
+    dtype, n = torch.bfloat16, 4096
+    for k in (4096, 12288):
+        w = _rand((n, k), dtype, 50, gpu, k ** -0.5)
+        b = _rand((n,), dtype, 51, gpu)
+        for m in (1, 16, 64, 300):
+            x = _rand((m, k), dtype, 52 + m, gpu)
+            got = {}
+            for path in ("fused", "split", "auto"):
+                monkeypatch.setenv("BATCH_INVARIANT_CUDA_LINEAR_PATH", path)
+                got[path] = (bi.linear(x, w), bi.linear(x, w, b, out_dtype=torch.float32))
+            for path in ("split", "auto"):
+                for i in range(2):
+                    assert T.bits_equal(got[path][i], got["fused"][i]), (k, m, path, i)
+            # Reason: fp32 chunk sums, one rounding: an output ulp + K fp32 roundings of sum|x w|.
+            mag = float((x.double().abs() @ w.double().abs().T).max())
+            assert T.max_abs_error(got["fused"][0], linear_ref(x, w)) <= 4 * (2.0 ** -7 * mag + k * 2.0 ** -23 * mag)
+    monkeypatch.setenv("BATCH_INVARIANT_CUDA_LINEAR_PATH", "splitk")
+    with pytest.raises(RuntimeError, match="BATCH_INVARIANT_CUDA_LINEAR_PATH must be auto, fused or split"):
+        bi.linear(x, w)

