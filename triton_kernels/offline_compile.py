@@ -107,9 +107,15 @@ def _mma_family(ptx: str) -> str:
 
 
 def _jit_functions():
-    from triton.runtime import jit
+    """The JIT functions of the backend's kernel modules (kernels and the helpers they call)."""
+    import importlib
 
-    return list(jit._triton_jit_function_registry.values())
+    from triton.runtime.jit import JITFunction
+
+    from ..ops import TRITON_MODULES
+
+    return [obj for name in TRITON_MODULES for obj in vars(importlib.import_module(f"{__package__}.{name}")).values()
+            if isinstance(obj, JITFunction)]
 
 
 @contextlib.contextmanager
@@ -254,16 +260,7 @@ def compile_all(arch: str, only: str | None = None) -> list[CompiledLaunch]:
 
 def kernel_names() -> set[str]:
     """Every launchable Triton kernel of the backend (the ``*_kernel`` JIT functions)."""
-    import importlib
-
-    from ..ops import TRITON_MODULES
-
-    names = set()
-    for module_name in TRITON_MODULES:
-        module = importlib.import_module(f"{__package__}.{module_name}")
-        names |= {name for name, obj in vars(module).items()
-                  if name.endswith("_kernel") and hasattr(obj, "fn")}
-    return names
+    return {fn.__name__ for fn in _jit_functions() if fn.__name__.endswith("_kernel")}
 
 
 def problems(records: list[CompiledLaunch], arch: str) -> list[str]:
@@ -301,12 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     found = problems(records, args.arch)
     for r in records:
         print(f"{r.registers!s:>4} regs {r.local_bytes!s:>3} spill {r.shared_bytes:>6} smem {r.mma:>8}  {r.describe()}")
-    print(f"{len(records)} launches compiled for {args.arch} (contract v{contract.CONTRACT_VERSION}); "
+    print(f"{len(records)} launches compiled for {args.arch} with Triton {triton.__version__} "
+          f"(contract v{contract.CONTRACT_VERSION}); "
           f"{len(found)} problems")
     for p in found:
         print("PROBLEM:", p)
     if args.json:
-        Path(args.json).write_text(json.dumps({"arch": args.arch, "records": [dataclasses.asdict(r) for r in records],
+        Path(args.json).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "records": [dataclasses.asdict(r) for r in records],
                                                "problems": found, "kernels": sorted(kernel_names())}, indent=1))
     return 1 if found else 0
 

@@ -5,6 +5,8 @@ matmul and no tensor cores for fp32 (the contract's IEEE fp32).
 
 The compile runs in a subprocess (this session's kernel modules are interpreted functions), through
 the real launchers at Qwen3-8B shapes (triton_kernels/offline_compile.py). ~30 s per arch cold.
+With BATCH_INVARIANT_GPU_TRITON (set by .ci/run: a folder holding requirements/gpu-triton.txt) it
+also compiles for sm_90 with the Triton version of the GPU acceptance machine.
 """
 from __future__ import annotations
 
@@ -32,22 +34,41 @@ def _nvidia_backend_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", params=["sm_90", "sm_80"])
+def _gpu_triton_version() -> str:
+    for line in (ROOT / "requirements" / "gpu-triton.txt").read_text().splitlines():
+        if line.startswith("triton=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError("requirements/gpu-triton.txt pins no triton")
+
+
+@pytest.fixture(scope="module", params=["sm_90", "sm_80", "sm_90 gpu-triton"])
 def compiled(request, tmp_path_factory):
     if os.environ.get("BATCH_INVARIANT_TEST_DEVICE", "cpu") == "cuda":
         pytest.skip("a GPU is here: this suite compiles and runs every kernel for real")
-    reason = _nvidia_backend_reason()
-    if reason:
-        pytest.skip(reason)
-    out = tmp_path_factory.mktemp("offline") / f"{request.param}.json"
+    arch, _, variant = request.param.partition(" ")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"  # silences Triton 3.9's notice; every launch passes it anyway
+    if variant:
+        folder = os.environ.get("BATCH_INVARIANT_GPU_TRITON")
+        if not folder or not (Path(folder) / "triton").is_dir():
+            pytest.skip("BATCH_INVARIANT_GPU_TRITON does not name a folder with the GPU machine's Triton "
+                        "(bash scripts/setup_gpu_triton.sh PYTHON makes one; .ci/run does)")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (folder, env.get("PYTHONPATH")) if p)
+        env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # another version's cache
+    else:
+        reason = _nvidia_backend_reason()
+        if reason:
+            pytest.skip(reason)
+    out = tmp_path_factory.mktemp("offline") / f"{arch}.json"
     proc = subprocess.run([sys.executable, "-m", "batch_invariant.triton_kernels.offline_compile",
-                           "--arch", request.param, "--json", str(out)],
+                           "--arch", arch, "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if not out.exists():
         pytest.fail(f"offline compile for {request.param} crashed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return request.param, json.loads(out.read_text()), proc
+    report = json.loads(out.read_text())
+    if variant:
+        assert report["triton"] == _gpu_triton_version(), report["triton"]
+    return arch, report, proc
 
 
 def test_every_kernel_compiles_without_problems(compiled):
