@@ -1,14 +1,15 @@
-// Launchers of the CUDA paged attention forward: attention, attention_with_lse
-// (kernels/attention.cuh). Arguments and returns mirror the CPU extension's functions of the same
-// names (csrc/cpu/attention.cpp). Grid = (T, ceil(Hq / kAttnWarps)), block = 32 * kAttnWarps,
-// NPL = ceil(D / 32): functions of the shapes only. Long-context launches with few rows take the
-// split-parallel path (attention_split_kernel + attention_combine_kernel, an fp32 workspace sized
-// from block_table.size(1) * block_size): the same bits, see kernels/attention.cuh. No host
-// synchronisation: query_start_loc, seq_lens and block_table are read by the kernel on the device
-// only, so the CPU launcher's checks of their *values* (nondecreasing query_start_loc, seq_lens >=
-// query length, block ids in range) are not repeated here (they would need a device-to-host copy);
-// the op layer's shape / dtype / device checks and these launchers' checks still run. Contracts:
-// launchers.h.
+// Launchers of the CUDA paged attention forward: attention, attention_with_lse. Arguments and
+// returns mirror the CPU extension's functions of the same names (csrc/cpu/attention.cpp). The plan
+// (kernels/attention_plan.cuh, shared with the simulator): bf16 / fp16 with head size 64 or 128 run
+// the tensor-core kernels (kernels/attention_mma.cuh), everything else the SIMT kernels
+// (kernels/attention.cuh); long-context launches with few rows take the split-parallel path (one
+// block per split + the combine kernel, an fp32 workspace sized from block_table.size(1) *
+// block_size): the same bits. BATCH_INVARIANT_CUDA_ATTN_PATH=sequential|split forces a path. No
+// host synchronisation: query_start_loc, seq_lens and block_table are read by the kernels on the
+// device only, so the CPU launcher's checks of their *values* (nondecreasing query_start_loc,
+// seq_lens >= query length, block ids in range) are not repeated here (they would need a
+// device-to-host copy); the op layer's shape / dtype / device checks and these launchers' checks
+// still run. Contracts: launchers.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,9 +18,10 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 
-#include "kernels/attention.cuh"
+#include "kernels/attention_plan.cuh"
 #include "launch_utils.h"
 #include "launchers.h"
 
@@ -28,17 +30,6 @@ namespace cuda {
 namespace {
 
 using launch::ptr;
-
-// BATCH_INVARIANT_CUDA_ATTN_PATH=sequential|split forces a path (tests, benchmarks); unset or
-// "auto": the shape-based choice. Read at every call (a getenv, no device work).
-int attention_path_override() {
-  const char* v = std::getenv("BATCH_INVARIANT_CUDA_ATTN_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return kAttnPathAuto;
-  if (std::strcmp(v, "sequential") == 0) return kAttnPathSequential;
-  if (std::strcmp(v, "split") == 0) return kAttnPathSplit;
-  TORCH_CHECK(false, "BATCH_INVARIANT_CUDA_ATTN_PATH must be auto, sequential or split, got '", v, "'");
-  return kAttnPathAuto;
-}
 
 std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at::Tensor& key_cache,
                                                   const at::Tensor& value_cache, const at::Tensor& query_start_loc,
@@ -90,27 +81,28 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at:
               ": sizes exceed the grid limits, q: ", launch::describe(q));
 
   const c10::cuda::CUDAGuard guard(q.device());
-  // The kernel writes every row (padding tokens: zeros); with no sequence every token is padding.
-  at::Tensor out = at::empty({T, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = with_lse ? at::empty({T, Hq}, q.options().dtype(at::kFloat)) : at::Tensor();
-  if (T == 0 || Hq == 0 || B == 0) {
-    out.zero_();
-    if (with_lse) lse.zero_();
-    return {out, lse};
-  }
+  std::string path_error;
+  const int path = attention_path_from_env(&path_error);
+  TORCH_CHECK(path >= 0, op, ": ", path_error);
   at::Tensor qsl = query_start_loc.contiguous(), sl = seq_lens.contiguous();
-  const unsigned gy = unsigned((Hq + kAttnWarps - 1) / kAttnWarps);
-  TORCH_CHECK(gy <= 65535u, op, ": too many heads for the grid (", Hq, ")");
-  const dim3 grid(launch::grid_for_rows(T, op), gy), block(kAttnThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index());
-  // Path: sequential (one warp per row) or split-parallel (one warp per split + the combine
-  // kernel), chosen from the shapes and the SM count (no host sync; the bits are the same).
-  // The workspace is sized by the block table's capacity block_table.size(1) * block_size.
-  const int64_t splits = attention_max_splits(block_table.size(1) * BS, contract::ATTN_SPLIT);
-  const bool use_split = attention_use_split(attention_path_override(), T, Hq, D, splits,
-                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor out, lse;
   launch::dispatch_float(dt, op, [&](auto tag) {
     using E = typename decltype(tag)::type;
+    // The plan (kernels, path, grids, workspace): from the shapes and the SM count only, no host
+    // sync; the workspace is sized by the block table's capacity block_table.size(1) * block_size.
+    const AttnPlan plan = attention_plan<E>(path, T, B, Hq, Hk, D, block_table.size(1) * BS, contract::ATTN_SPLIT,
+                                            sm_count);
+    TORCH_CHECK(plan.error.empty(), op, ": ", plan.error, " (q: ", launch::describe(q), ")");
+    // Every row is written by the kernels (padding tokens: zeros), except on the sequential
+    // tensor-core path (tiles cover sequences only): zero-filled there.
+    const auto o_opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+    const bool zero = plan.zero_out || T == 0 || Hq == 0 || B == 0;
+    out = zero ? at::zeros({T, Hq, D}, o_opts) : at::empty({T, Hq, D}, o_opts);
+    const auto l_opts = q.options().dtype(at::kFloat);
+    if (with_lse) lse = zero ? at::zeros({T, Hq}, l_opts) : at::empty({T, Hq}, l_opts);
+    if (T == 0 || Hq == 0 || B == 0) return;  // no sequence: every token is padding
     AttentionArgs<E> a{};
     a.q = ptr<const E>(q); a.q_st = q.stride(0); a.q_sh = q.stride(1);
     a.kc = ptr<const E>(key_cache);
@@ -125,23 +117,17 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at:
     a.scale = float(scale);
     a.out = ptr<E>(out); a.o_st = out.stride(0); a.o_sh = out.stride(1);
     a.lse = with_lse ? lse.data_ptr<float>() : nullptr; a.lse_st = Hq;
+    // fp32 workspace of the split-parallel path (the caching allocator frees it after the stream's kernels)
     at::Tensor ws;
-    if (use_split) {
-      ws = at::empty({attention_workspace_floats(T, Hq, D, splits)}, q.options().dtype(at::kFloat));
-      a.ws = ws.data_ptr<float>();
-      a.ws_splits = splits;
-    }
-    dispatch_attention_npl(attention_lanes_per_thread(int(D)), [&](auto nc) {
-      constexpr int NPL = decltype(nc)::value;
-      if (use_split) {
-        attention_split_kernel<E, NPL><<<dim3(grid.x, grid.y, unsigned(splits)), block, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        attention_combine_kernel<E, NPL><<<grid, block, 0, stream>>>(a);
-      } else {
-        attention_fwd_kernel<E, NPL><<<grid, block, 0, stream>>>(a);
-      }
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.ws_floats > 0) ws = at::empty({plan.ws_floats}, q.options().dtype(at::kFloat));
+    attention_run(plan, a, ws.defined() ? ws.data_ptr<float>() : nullptr,
+                  [&](dim3 grid, dim3 block, size_t smem, auto kernel, const auto& args) {
+                    if (smem > 48 * 1024)
+                      C10_CUDA_CHECK(
+                          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+                    kernel<<<grid, block, smem, stream>>>(args);
+                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                  });
   });
   return {out, lse};
 }

@@ -278,10 +278,11 @@ def log_f32(x: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, query_start_loc: torch.Tensor,
               seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, *, with_lse: bool = False,
               split: int | None = None, path: str = "auto"):
-    """Paged attention forward (kernels/attention.cuh) as the CUDA launcher runs it: returns ``out``
+    """Paged attention forward (kernels/attention.cuh; bf16 / fp16 with head size 64 / 128:
+    kernels/attention_mma.cuh, see :func:`attention_kernel`) as the CUDA launcher runs it: returns ``out``
     (contiguous [T, Hq, D], q's dtype) or ``(out, lse)`` with ``with_lse``. ``split`` overrides the
     contract's ATTN_SPLIT (tests only: the negative control). ``path``: ``"auto"`` (the launcher's
-    choice by shapes), or forces ``"sequential"`` (one warp per row) / ``"split"`` (one warp per
+    choice by shapes), or forces ``"sequential"`` (splits folded in the block) / ``"split"`` (one block per
     split + the combine kernel); :func:`last_attention_path` says which one ran."""
     global _last_attention_path
     if path not in _ATTN_PATHS:
@@ -308,6 +309,13 @@ def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tenso
                       0 if lse is None else lse.data_ptr(), _ATTN_PATHS[path], bt.size(1))
     _last_attention_path = {v: k for k, v in _ATTN_PATHS.items()}[ran]
     return (out, lse) if with_lse else out
+
+
+def attention_kernel(dtype: torch.dtype, head_size: int) -> str:
+    """Which attention kernels the launcher runs for ``dtype`` and ``head_size``: ``"mma"``
+    (tensor cores, kernels/attention_mma.cuh) or ``"simt"`` (kernels/attention.cuh); a function of
+    the dtype and head size only."""
+    return "mma" if load().attention_uses_mma(DTYPE_CODES[dtype], int(head_size)) else "simt"
 
 
 def last_attention_path() -> str | None:

@@ -181,3 +181,27 @@ def decode_schedule(lengths, prompt: int) -> list:
             done[b] += 1
         steps.append(step)
     return steps
+def schedule_mismatches(attention_fn, write_fn, q_all, k_all, v_all, lengths, *, chunk: int, prompt: int,
+                        block_sizes: tuple[int, int], alone: int = 1) -> list[str]:
+    """The standard schedule property of a paged attention: a whole prefill (pages of
+    block_sizes[0]) against a chunked prefill, decode and a prefill on reshuffled pages of both
+    sizes, and sequence `alone` run by itself in chunks. Returns the runs whose bits differ."""
+    def run(schedule, block_size, shuffle_seed, sel=slice(None)):
+        outs = attention_schedule(attention_fn, write_fn, q_all[sel], k_all[sel], v_all[sel], schedule,
+                                  block_size=block_size, shuffle_seed=shuffle_seed)
+        return torch.cat([o.reshape(-1) for o in outs]).view(torch.uint8)
+
+    small, large = block_sizes
+    base = run(prefill_schedule(lengths), small, 0)
+    runs = {f"chunked {chunk} / page {large}": (chunked_schedule(lengths, chunk), large, 1),
+            f"decode / page {small}": (decode_schedule(lengths, prompt), small, 2),
+            f"prefill / page {large}": (prefill_schedule(lengths), large, 3)}
+    failures = [name for name, (schedule, size, seed) in runs.items() if not torch.equal(run(schedule, size, seed), base)]
+    one = slice(alone, alone + 1)
+    expect = attention_schedule(attention_fn, write_fn, q_all, k_all, v_all, prefill_schedule(lengths),
+                                block_size=small)[alone].reshape(-1).view(torch.uint8)
+    if not torch.equal(run(chunked_schedule(lengths[one], max(1, chunk - 2)), small, 4, one), expect):
+        failures.append(f"sequence {alone} alone")
+    return failures
+
+

@@ -1,9 +1,14 @@
 // CUDA batch-invariant paged attention forward (causal, GQA): attention / attention_with_lse
-// (torch-free; nvcc, or g++ -DBI_CUDA_SIM for the CPU simulator). First CUDA version: SIMT,
-// correctness and invariance first.
+// (torch-free; nvcc, or g++ -DBI_CUDA_SIM for the CPU simulator), SIMT kernels: the path of fp32
+// (IEEE, no TF32) and of bf16 / fp16 head sizes other than 64 and 128. bf16 / fp16 with D = 64 or
+// 128 run the tensor-core kernels of attention_mma.cuh for every launch (prefill, chunked prefill
+// and decode alike); which kernels run is a function of (dtype, D) only (attention_plan.cuh,
+// attention_uses_mma), so a row's bits never depend on the launch. Both families share this
+// file's AttentionArgs, workspace layout, combine kernel and split fold (split_fold_factors /
+// split_fold_value).
 //
-// Interface (used by the launcher csrc/cuda/launch_attention.cu and the simulator module
-// csrc/cuda/sim/sim_attention.cpp):
+// Interface (used through attention_plan.cuh by the launcher csrc/cuda/launch_attention.cu and the
+// simulator module csrc/cuda/sim/sim_attention.cpp):
 //   template <typename T> struct AttentionArgs { ... }  (below; element strides, raw pointers)
 //   int attention_lanes_per_thread(int D);   // NPL = ceil(D / 32), D in [1, kAttnMaxHead]
 //   template <typename T, int NPL> __global__ void attention_fwd_kernel(AttentionArgs<T>);
@@ -13,8 +18,9 @@
 //   (T, ceil(Hq / kAttnWarps), S) writes each split's (m, l, acc) to an fp32 workspace
 //   (a.ws, attention_workspace_floats(T, Hq, D, S) floats, S = a.ws_splits =
 //   attention_max_splits(block_table.size(1) * block_size, split): from shapes, no host sync),
-//   then attention_combine_kernel<T, NPL> on grid (T, ceil(Hq / kAttnWarps)) folds them;
-//   attention_use_split(path, ...) chooses (kAttnPathAuto: by the launch's shapes only).
+//   then attention_combine_kernel<T, NPL> on grid (T, ceil(Hq / kAttnWarps)) folds them (also
+//   the tensor-core split path's pass 2); attention_plan (attention_plan.cuh) chooses the path
+//   (kAttnPathAuto: by the launch's shapes only).
 // T in {float, __half, __nv_bfloat16}. The grid is a function of the shapes only (T, Hq): no
 // metadata value is read on the host. Block (x = t, y) warp w handles (token t, q head
 // h = y * kAttnWarps + w), kv head h / (Hq / Hk); warps with h >= Hq return at once (no block
@@ -52,7 +58,8 @@
 // and the combine kernel folds them in the same order with the same function (combine_split):
 // identical bits (tests/cuda/test_cuda_sim_attention.py checks it bitwise).
 //
-// Performance (honest): SIMT only, no tensor cores, no shared-memory staging of K/V tiles. Each
+// Performance (honest): these kernels are SIMT, no tensor cores, no shared-memory staging of K/V
+// tiles (bf16 / fp16 at D = 64 / 128 take attention_mma.cuh instead). Each
 // warp reads the K and V rows of its kv head itself (the kAttnWarps warps of a block are
 // consecutive q heads, so a GQA group mostly hits L1/L2 for the same rows), each key costs 5
 // shuffles for the dot + 1 for p_j. Long-context decode with few sequences takes the split-parallel
@@ -95,6 +102,8 @@ struct AttentionArgs {
   T* out; int64_t o_st, o_sh;                  // out[t, h, d]
   float* lse; int64_t lse_st;                  // optional (nullptr): lse[t*lse_st + h]
   float* ws; int64_t ws_splits;                // split-parallel path only: workspace, splits per row
+  int kv_vec;                                  // tensor-core kernels: K / V tiles by 16-byte copies (1)
+                                               // or element loads (0); moves data only
 };
 
 inline int attention_lanes_per_thread(int D) { return (D + kWarp - 1) / kWarp; }
@@ -268,17 +277,30 @@ BI_DEV void split_state(const AttentionArgs<T>& a, const WarpRow& w, const AttnR
   }
 }
 
+// The contract's split combine, scalar pieces (also used by the tensor-core kernels of
+// attention_mma.cuh, so that every path folds with the same operations): the factors for folding a
+// split with max m_s into a running max M, and one folded value (l or one acc element).
+struct SplitFold {
+  float Mn, e1, e2;
+};
+BI_DEV SplitFold split_fold_factors(float M, float m_s) {
+  SplitFold f;
+  f.Mn = m_s > M ? m_s : M;
+  f.e1 = (M == neg_inf()) ? 0.0f : exp_f32(sub_rn(M, f.Mn));
+  f.e2 = exp_f32(sub_rn(m_s, f.Mn));
+  return f;
+}
+BI_DEV float split_fold_value(float F, float s, const SplitFold& f) { return add_rn(mul_rn(F, f.e1), mul_rn(s, f.e2)); }
+
 // The contract's split combine: F = (M, L, ACC) <- F (+) (m, l, acc). Both paths (the in-warp
 // sequential fold and the split-parallel combine kernel) fold splits 0, 1, ... with this.
 template <int NPL>
 BI_DEV void combine_split(SoftmaxState<NPL>& F, const SoftmaxState<NPL>& s) {
-  const float Mn = s.m > F.m ? s.m : F.m;
-  const float e1 = (F.m == neg_inf()) ? 0.0f : exp_f32(sub_rn(F.m, Mn));
-  const float e2 = exp_f32(sub_rn(s.m, Mn));
-  F.l = add_rn(mul_rn(F.l, e1), mul_rn(s.l, e2));
+  const SplitFold f = split_fold_factors(F.m, s.m);
+  F.l = split_fold_value(F.l, s.l, f);
 #pragma unroll
-  for (int i = 0; i < NPL; ++i) F.acc[i] = add_rn(mul_rn(F.acc[i], e1), mul_rn(s.acc[i], e2));
-  F.m = Mn;
+  for (int i = 0; i < NPL; ++i) F.acc[i] = split_fold_value(F.acc[i], s.acc[i], f);
+  F.m = f.Mn;
 }
 
 template <typename T, int NPL>
@@ -412,19 +434,12 @@ inline int64_t attention_workspace_floats(int64_t T, int64_t Hq, int64_t D, int6
 
 enum AttnPath : int { kAttnPathAuto = 0, kAttnPathSequential = 1, kAttnPathSplit = 2 };
 
-// kAttnPathAuto: split-parallel when rows can take more than one split (splits >= 2), the
-// sequential grid fills less than half of `sm_count` * kAttnSplitBlocksPerSm blocks and the
-// workspace stays under kAttnMaxWorkspaceBytes (and the split grid fits gridDim.z).
+// The auto rule (attention_plan in attention_plan.cuh, shared by the launcher and the simulator):
+// split-parallel when rows can take more than one split, the sequential grid fills less than half
+// of sm_count * kAttnSplitBlocksPerSm blocks and the workspace stays under kAttnMaxWorkspaceBytes
+// (and the split grid fits gridDim.z).
 constexpr int kAttnSplitBlocksPerSm = 4;
 constexpr int64_t kAttnMaxWorkspaceBytes = int64_t(256) << 20;
-inline bool attention_use_split(int path, int64_t T, int64_t Hq, int64_t D, int64_t splits, int sm_count) {
-  if (splits > 65535) return false;
-  if (path == kAttnPathSequential) return false;
-  if (path == kAttnPathSplit) return true;
-  const int64_t blocks = T * ((Hq + kAttnWarps - 1) / kAttnWarps);
-  return splits >= 2 && 2 * blocks < int64_t(sm_count) * kAttnSplitBlocksPerSm &&
-         attention_workspace_floats(T, Hq, D, splits) * int64_t(sizeof(float)) <= kAttnMaxWorkspaceBytes;
-}
 
 }  // namespace cuda
 }  // namespace bi

@@ -1,11 +1,13 @@
-// Paged attention forward (kernels/attention.cuh) through the CPU simulator (see sim_ops.h): the
-// same grid / block / NPL and path choice as the device launcher csrc/cuda/launch_attention.cu
-// (the split-parallel path's workspace is a host vector here).
+// Paged attention forward (kernels/attention.cuh, kernels/attention_mma.cuh) through the CPU
+// simulator (see sim_ops.h): the device launcher's plan and launch sequence (attention_plan /
+// attention_run of kernels/attention_plan.cuh); the split-parallel path's workspace is a host vector
+// here and the zero fill of the sequential tensor-core path a host memset.
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <vector>
 
-#include "../kernels/attention.cuh"
+#include "../kernels/attention_plan.cuh"
 #include "sim_tensors.h"
 
 namespace bi {
@@ -26,11 +28,12 @@ int launch_attention(const AttentionCall& c) {
   if (c.path < kAttnPathAuto || c.path > kAttnPathSplit) throw std::invalid_argument("cuda sim attention: bad path");
   const int split = c.split > 0 ? c.split : contract::ATTN_SPLIT;
   if (split % kAttnTile != 0) throw std::invalid_argument("cuda sim attention: split must be a multiple of the tile");
-  const int64_t splits = attention_max_splits(c.bt_cols * c.block_size, split);
-  const bool use_split = attention_use_split(c.path, c.T, c.Hq, c.D, splits, kAttnSimSmCount);
-  std::vector<float> ws;
+  int ran = kAttnPathSequential;
   dispatch_dtype(c.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    const AttnPlan plan =
+        attention_plan<T>(c.path, c.T, c.B, c.Hq, c.Hk, c.D, c.bt_cols * c.block_size, split, kAttnSimSmCount);
+    if (!plan.error.empty()) throw std::invalid_argument("cuda sim attention: " + plan.error);
     AttentionArgs<T> a{};
     a.q = Addr{c.q}; a.q_st = c.q_st; a.q_sh = c.q_sh;
     a.kc = Addr{c.kc}; a.kc_sb = c.kc_sb; a.kc_ss = c.kc_ss; a.kc_sh = c.kc_sh;
@@ -43,22 +46,24 @@ int launch_attention(const AttentionCall& c) {
     a.scale = c.scale;
     a.out = Addr{c.out}; a.o_st = int64_t(c.Hq) * c.D; a.o_sh = c.D;
     a.lse = Addr{c.lse}; a.lse_st = c.Hq;
-    const dim3 grid(unsigned(c.T), unsigned((c.Hq + kAttnWarps - 1) / kAttnWarps)), block(kAttnThreads);
-    dispatch_attention_npl(attention_lanes_per_thread(c.D), [&](auto nc) {
-      constexpr int NPL = decltype(nc)::value;
-      if (!use_split) {
-        launch(grid, block, &attention_fwd_kernel<T, NPL>, a);
-        return;
-      }
-      // NaN-filled: a slot the combine reads without the split pass having written it shows up
-      ws.assign(size_t(attention_workspace_floats(c.T, c.Hq, c.D, splits)), std::numeric_limits<float>::quiet_NaN());
-      a.ws = ws.data();
-      a.ws_splits = splits;
-      launch(dim3(grid.x, grid.y, unsigned(splits)), block, &attention_split_kernel<T, NPL>, a);
-      launch(grid, block, &attention_combine_kernel<T, NPL>, a);
+    if (plan.zero_out) {  // the device launcher allocates them with at::zeros
+      std::memset(reinterpret_cast<void*>(c.out), 0, size_t(c.T) * c.Hq * c.D * sizeof(T));
+      if (c.lse) std::memset(reinterpret_cast<void*>(c.lse), 0, size_t(c.T) * c.Hq * sizeof(float));
+    }
+    // NaN-filled: a slot the combine reads without the split pass having written it shows up
+    std::vector<float> ws(size_t(plan.ws_floats), std::numeric_limits<float>::quiet_NaN());
+    attention_run(plan, a, ws.data(), [](dim3 grid, dim3 block, size_t smem, auto kernel, const auto& args) {
+      launch_with_smem(grid, block, smem, kernel, args);
     });
+    ran = plan.split ? kAttnPathSplit : kAttnPathSequential;
   });
-  return use_split ? kAttnPathSplit : kAttnPathSequential;
+  return ran;
+}
+
+int attention_uses_mma_kernels(int dtype, int D) {
+  int r = 0;
+  dispatch_dtype(dtype, [&](auto tag) { r = attention_uses_mma<typename decltype(tag)::type>(D) ? 1 : 0; });
+  return r;
 }
 
 }  // namespace sim

@@ -41,6 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "paged attention forward on raw pointers (out contiguous [T, Hq, D]; lse 0 or fp32 [T, Hq]); path: 0 auto, "
       "1 sequential, 2 split-parallel; returns the path run");
+  m.def("attention_uses_mma", &attention_uses_mma_kernels,
+        "1 when attention of this dtype code and head size runs the tensor-core kernels, 0 for SIMT");
   m.def("rms_norm_threads", &rms_norm_block, "block size of rms_norm_kernel for a hidden size");
   m.def("row_softmax_threads", &row_op_block, "block size of the softmax-family kernels for a row length");
   m.def("set_schedule", [](int s) { set_schedule(s ? kReverse : kForward); },

@@ -41,9 +41,11 @@ int launch_row_op(const RowOpCall& c);
 int rms_norm_block(int hidden);
 int row_op_block(int64_t cols);
 
-// Paged attention forward (sim_attention.cpp, kernels/attention.cuh): q [T, Hq, D] (strides q_st,
-// q_sh), caches [NB, BS, Hk, D] (strides sb, ss, sh), int32 qsl [B+1], seq_lens [B], block table
-// rows (stride bt_s); out contiguous [T, Hq, D] of q's dtype; lse (0: none) fp32 [T, Hq].
+// Paged attention forward (sim_attention.cpp; the device launcher's plan, kernels/attention_plan.cuh:
+// tensor-core kernels/attention_mma.cuh for bf16 / fp16 at D = 64 / 128, else the SIMT
+// kernels/attention.cuh): q [T, Hq, D] (strides q_st, q_sh), caches [NB, BS, Hk, D] (strides sb,
+// ss, sh), int32 qsl [B+1], seq_lens [B], block table rows (stride bt_s); out contiguous
+// [T, Hq, D] of q's dtype; lse (0: none) fp32 [T, Hq].
 // split <= 0: contract::ATTN_SPLIT (another value: the tests' negative control only).
 struct AttentionCall {
   uintptr_t q; int64_t q_st, q_sh;
@@ -58,6 +60,8 @@ struct AttentionCall {
 };
 // Returns the path run (1 sequential, 2 split-parallel).
 int launch_attention(const AttentionCall& c);
+// Whether attention of this dtype code and head size runs the tensor-core kernels (1) or SIMT (0).
+int attention_uses_mma_kernels(int dtype, int D);
 
 // linear / bmm_nt (sim_linear.cpp, kernels/linear.cuh): out[b] = x[b] @ w[b]^T (+ bias), x
 // [B, M, K], w [B, N, K] (inner dims contiguous, strides in elements), bias fp32 [N] or 0, out
