@@ -120,14 +120,7 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at:
     // fp32 workspace of the split-parallel path (the caching allocator frees it after the stream's kernels)
     at::Tensor ws;
     if (plan.ws_floats > 0) ws = at::empty({plan.ws_floats}, q.options().dtype(at::kFloat));
-    attention_run(plan, a, ws.defined() ? ws.data_ptr<float>() : nullptr,
-                  [&](dim3 grid, dim3 block, size_t smem, auto kernel, const auto& args) {
-                    if (smem > 48 * 1024)
-                      C10_CUDA_CHECK(
-                          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-                    kernel<<<grid, block, smem, stream>>>(args);
-                    C10_CUDA_KERNEL_LAUNCH_CHECK();
-                  });
+    attention_run(plan, a, ws.defined() ? ws.data_ptr<float>() : nullptr, launch::stream_launcher(stream));
   });
   return {out, lse};
 }

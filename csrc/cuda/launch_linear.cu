@@ -86,14 +86,7 @@ void run_gemm(const at::Tensor& x, int64_t x_stride, int64_t x_bstride, const at
     // allocator: freed when `ws` goes out of scope, reused only after the stream's kernels).
     at::Tensor ws;
     if (plan.ws_floats > 0) ws = at::empty({plan.ws_floats}, x.options().dtype(at::kFloat));
-    linear_run(plan, a, B, vec, ws.defined() ? ws.data_ptr<float>() : nullptr,
-               [&](dim3 grid, dim3 block, size_t smem, auto kernel, const auto& args) {
-                 if (smem > 48 * 1024)
-                   C10_CUDA_CHECK(
-                       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-                 kernel<<<grid, block, smem, stream>>>(args);
-                 C10_CUDA_KERNEL_LAUNCH_CHECK();
-               });
+    linear_run(plan, a, B, vec, ws.defined() ? ws.data_ptr<float>() : nullptr, launch::stream_launcher(stream));
   });
 }
 

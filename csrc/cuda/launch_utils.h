@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -17,6 +18,18 @@ namespace cuda {
 namespace launch {
 
 template <typename T> struct Tag { using type = T; };
+
+// The launch callback the shared host plans (linear_run, attention_run) call for each kernel: a
+// kernel asking for more than 48 KiB of dynamic shared memory is opted in first; launched on
+// `stream`, then the launch error checked.
+inline auto stream_launcher(cudaStream_t stream) {
+  return [stream](dim3 grid, dim3 block, size_t smem, auto kernel, const auto& args) {
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<grid, block, smem, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+}
 
 // "shape [2, 4], dtype BFloat16, device cuda:0"
 inline std::string describe(const at::Tensor& t) {

@@ -181,6 +181,31 @@ def decode_schedule(lengths, prompt: int) -> list:
             done[b] += 1
         steps.append(step)
     return steps
+def paged_attention_problem(dtype, *, D: int, hq: int, hk: int, ctx, qlens, block_size: int = 16, pad_front: int = 0,
+                            pad_back: int = 0, seed: int = 0):
+    """(q, key_cache, value_cache, query_start_loc, seq_lens, block_table) of sequences with
+    seq_lens `ctx` whose last `qlens` tokens are the queries (a cached prefix: chunked-prefill and
+    decode shapes), cache blocks in a shuffled order, spare table entries pointing at a garbage
+    block, `pad_front` / `pad_back` padding tokens outside query_start_loc."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-c // block_size) for c in ctx]
+    nb = sum(need) + 3
+    order = torch.randperm(nb, generator=g).tolist()
+    maxb = max(need) + 1
+    table, cur = [], 0
+    for n in need:
+        table.append(order[cur:cur + n] + [nb - 1] * (maxb - n))
+        cur += n
+    kc = (torch.randn(nb, block_size, hk, D, generator=g) * 1.5).to(dtype)
+    vc = torch.randn(nb, block_size, hk, D, generator=g).to(dtype)
+    q = (torch.randn(pad_front + sum(qlens) + pad_back, hq, D, generator=g) * 1.5).to(dtype)
+    qsl = [pad_front]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    return q, kc, vc, i32(qsl), i32(list(ctx)), i32(table)
+
+
 def schedule_mismatches(attention_fn, write_fn, q_all, k_all, v_all, lengths, *, chunk: int, prompt: int,
                         block_sizes: tuple[int, int], alone: int = 1) -> list[str]:
     """The standard schedule property of a paged attention: a whole prefill (pages of

@@ -33,26 +33,8 @@ _unit_roundoff = cuda_sim.UNIT_ROUNDOFF.__getitem__
 
 def _problem(dtype, *, D=32, block_size=16, ctx=(23, 40, 9), qlens=(23, 5, 1), pad_front=0, pad_back=0,
              seed=0):
-    """Sequences with seq_lens `ctx` and the last `qlens` tokens as queries (a prefix already
-    cached: chunked prefill / decode shapes), blocks in a shuffled order, garbage elsewhere."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-c // block_size) for c in ctx]
-    nb = sum(need) + 3
-    order = torch.randperm(nb, generator=g).tolist()
-    maxb = max(need) + 1
-    table, cur = [], 0
-    for n in need:
-        table.append(order[cur:cur + n] + [nb - 1] * (maxb - n))
-        cur += n
-    kc = (torch.randn(nb, block_size, HK, D, generator=g) * 1.5).to(dtype)
-    vc = torch.randn(nb, block_size, HK, D, generator=g).to(dtype)
-    tq = sum(qlens)
-    q = (torch.randn(pad_front + tq + pad_back, HQ, D, generator=g) * 1.5).to(dtype)
-    qsl = [pad_front]
-    for n in qlens:
-        qsl.append(qsl[-1] + n)
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    return q, kc, vc, i32(qsl), i32(list(ctx)), i32(table)
+    return T.paged_attention_problem(dtype, D=D, hq=HQ, hk=HK, ctx=ctx, qlens=qlens, block_size=block_size,
+                                     pad_front=pad_front, pad_back=pad_back, seed=seed)
 
 
 def _scores64(q, kc, vc, qsl, lens, bt, scale):

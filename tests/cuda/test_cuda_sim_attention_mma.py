@@ -28,26 +28,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 U32 = 2.0 ** -24
 
 
-def _problem(dtype, *, D, hq, hk, ctx, qlens, block_size=16, pad_front=0, pad_back=0, seed=0):
-    """Sequences with seq_lens `ctx`, the last `qlens` tokens of each as queries; blocks in a
-    shuffled order; spare table entries point at a garbage block."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-c // block_size) for c in ctx]
-    nb = sum(need) + 3
-    order = torch.randperm(nb, generator=g).tolist()
-    maxb = max(need) + 1
-    table, cur = [], 0
-    for n in need:
-        table.append(order[cur:cur + n] + [nb - 1] * (maxb - n))
-        cur += n
-    kc = (torch.randn(nb, block_size, hk, D, generator=g) * 1.5).to(dtype)
-    vc = torch.randn(nb, block_size, hk, D, generator=g).to(dtype)
-    q = (torch.randn(pad_front + sum(qlens) + pad_back, hq, D, generator=g) * 1.5).to(dtype)
-    qsl = [pad_front]
-    for n in qlens:
-        qsl.append(qsl[-1] + n)
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    return q, kc, vc, i32(qsl), i32(list(ctx)), i32(table)
+_problem = T.paged_attention_problem
 
 
 def _gather(kc, vc, bt_row, c, group):
