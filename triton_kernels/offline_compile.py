@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sm_90")
     parser.add_argument("--only", help="compile only the scenarios whose name contains this")
     parser.add_argument("--json", help="write the records and problems here")
+    parser.add_argument("--csv", help="write one row per compiled launch here (bench/results/)")
     args = parser.parse_args(argv)
     records = compile_all(args.arch, args.only)
     found = problems(records, args.arch)
@@ -306,7 +307,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "records": [dataclasses.asdict(r) for r in records],
                                                "problems": found, "kernels": sorted(kernel_names())}, indent=1))
+    if args.csv:
+        _write_csv(args.csv, records)
     return 1 if found else 0
+
+
+def _write_csv(path: str, records: list[CompiledLaunch]) -> None:
+    import csv
+
+    fields = ["scenario", "kernel", "dtype", "registers", "local_bytes", "shared_bytes", "mma", "num_warps",
+              "num_stages", "constants"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in records:
+            row = dataclasses.asdict(r)
+            row["constants"] = " ".join(f"{k}={v}" for k, v in r.constants.items())
+            writer.writerow(row)
 
 
 if __name__ == "__main__":
