@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from batch_invariant import cuda_sim
+from batch_invariant import cuda_sim, nvcc_check
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def sim():
 @pytest.fixture
 def nvcc():
     """The nvcc on PATH (the device compile checks skip without one)."""
-    exe = cuda_sim.nvcc()
+    exe = nvcc_check.nvcc()
     if exe is None:
         pytest.skip("nvcc not on PATH")
     return exe

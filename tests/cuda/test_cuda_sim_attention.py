@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batch_invariant import contract
+from batch_invariant import contract, nvcc_check
 from batch_invariant import cuda_sim
 from batch_invariant import testing as T
 from batch_invariant.ops.attention import attention_ref
@@ -279,8 +279,8 @@ def test_attention_kernel_compiles_with_nvcc_for_sm80_and_sm90a(nvcc, tmp_path):
     # The in-warp kernel parks one pointer in local memory (8-28 bytes of "spills" at 56-80
     # registers, not register pressure): stored once at entry, reloaded after the key loop around
     # the IEEE division's slow-path calls (div_rn); the key loop has no local access (SASS read).
-    body = cuda_sim.nvcc_compile(_NVCC_CHECK, tmp_path, allowed_spill_bytes={"attention_fwd_kernel": 32})["90a"]
-    assert cuda_sim.ptx_violations(body) == []
+    body = nvcc_check.nvcc_compile(_NVCC_CHECK, tmp_path, allowed_spill_bytes={"attention_fwd_kernel": 32})["90a"]
+    assert nvcc_check.ptx_violations(body) == []
     assert "shfl.sync.bfly.b32" in body and "shfl.sync.idx.b32" in body
     assert "ld.local" not in body and "st.local" not in body, "per-lane arrays spilled to local memory"
     # the tensor-core kernels (kernels/attention_mma.cuh, bf16 / fp16 at D = 64 / 128): mma.sync with

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batch_invariant import contract, cuda_sim
+from batch_invariant import contract, cuda_sim, nvcc_check
 from batch_invariant import testing as T
 from batch_invariant.ops import linear as linear_mod
 from batch_invariant.ops.linear import linear_ref
@@ -416,18 +416,18 @@ _NVCC_CHECK = Path(__file__).with_name("nvcc_check_linear.cu")
 
 
 def test_linear_kernels_compile_with_nvcc_for_sm80_and_sm90a(nvcc, tmp_path):
-    for arch, body in cuda_sim.nvcc_compile(_NVCC_CHECK, tmp_path).items():
+    for arch, body in nvcc_check.nvcc_compile(_NVCC_CHECK, tmp_path).items():
         # one instruction family per (dtype, arch): mma.sync m16n8k16 with fp32 accumulators, fed
         # by ldmatrix and cp.async; no wgmma, no TF32, nothing approximate or flushed.
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in body
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body and "cp.async.cg.shared.global" in body
         assert not re.search(r"wgmma|tf32", body)
-        assert cuda_sim.ptx_violations(body) == [], arch
+        assert nvcc_check.ptx_violations(body) == [], arch
         assert "fma.rn.f32" in body  # the fp32 SIMT path
     # -fmad=false changes nothing: nvcc had nothing to contract.
-    assert (cuda_sim.nvcc_ptx(_NVCC_CHECK, "90a", workdir=tmp_path)
-            == cuda_sim.nvcc_ptx(_NVCC_CHECK, "90a", fmad=False, workdir=tmp_path)), \
+    assert (nvcc_check.nvcc_ptx(_NVCC_CHECK, "90a", workdir=tmp_path)
+            == nvcc_check.nvcc_ptx(_NVCC_CHECK, "90a", fmad=False, workdir=tmp_path)), \
         "the PTX depends on -fmad: some fp32 arithmetic is not explicitly rounded"
 
 
@@ -437,5 +437,5 @@ def test_ptxas_spill_report_is_parsed():
                "    16 bytes stack frame, 290 bytes spill stores, 300 bytes spill loads\n"
                "ptxas info    : Compiling entry function '_Z1bv' for 'sm_80'\n"
                "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
-    assert cuda_sim._spilling_kernels(verbose) == ["'_Z1av' ('sm_90a'): 290 bytes spill stores"]
-    assert cuda_sim._spilling_kernels(verbose, {"_Z1a": 290}) == []
+    assert nvcc_check._spilling_kernels(verbose) == ["'_Z1av' ('sm_90a'): 290 bytes spill stores"]
+    assert nvcc_check._spilling_kernels(verbose, {"_Z1a": 290}) == []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batch_invariant import cuda_sim
+from batch_invariant import cuda_sim, nvcc_check
 from batch_invariant import testing as T
 from batch_invariant.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from batch_invariant.ops.softmax import log_softmax_ref, mean_ref, softmax_ref
@@ -324,12 +324,12 @@ _NVCC_CHECK = Path(__file__).with_name("nvcc_check.cu")
 
 
 def test_headers_compile_with_nvcc_for_sm80_and_sm90a(nvcc, tmp_path):
-    body = cuda_sim.nvcc_compile(_NVCC_CHECK, tmp_path)["90a"]
-    # The contract's arithmetic is exactly rounded (cuda_sim.FORBIDDEN_PTX).
-    assert cuda_sim.ptx_violations(body) == []
+    body = nvcc_check.nvcc_compile(_NVCC_CHECK, tmp_path)["90a"]
+    # The contract's arithmetic is exactly rounded (nvcc_check.FORBIDDEN_PTX).
+    assert nvcc_check.ptx_violations(body) == []
     assert "shfl.sync.bfly.b32" in body and "bar.sync" in body
     # -fmad=false changes nothing: nvcc had nothing to contract.
-    assert cuda_sim.nvcc_ptx(_NVCC_CHECK, "90a", fmad=False, workdir=tmp_path) == body, \
+    assert nvcc_check.nvcc_ptx(_NVCC_CHECK, "90a", fmad=False, workdir=tmp_path) == body, \
         "the PTX depends on -fmad: some fp32 arithmetic is not explicitly rounded"
 
 
