@@ -111,6 +111,28 @@ BI_DEV bool linear_chunk_ends_after(int kt) {
 }
 
 
+// What one block of either kernel computes: its batch, output tile origin (m0, n0), its K chunk
+// (partial kernels: blockIdx.x = chunk * m_tiles + M tile; fused: chunk 0) and the K steps
+// [kt0, kt1) it walks (fused: all of K; partial: its chunk), ktiles = all steps of K.
+struct LinearBlock {
+  int64_t batch;
+  int m0, n0, chunk, kt0, kt1, ktiles;
+};
+template <bool PARTIAL, int BM, int BN, int BK, typename Args>
+BI_DEV LinearBlock linear_block(const Args& p) {
+  constexpr int CHUNK_STEPS = kLinearKChunk / BK;
+  LinearBlock b;
+  b.batch = p.batch0 + int64_t(blockIdx.z);
+  const int m_tiles = (p.M + BM - 1) / BM;
+  b.chunk = PARTIAL ? int(blockIdx.x) / m_tiles : 0;
+  b.m0 = (PARTIAL ? int(blockIdx.x) % m_tiles : int(blockIdx.x)) * BM;
+  b.n0 = int(blockIdx.y) * BN;
+  b.ktiles = (p.K + BK - 1) / BK;
+  b.kt0 = PARTIAL ? b.chunk * CHUNK_STEPS : 0;
+  b.kt1 = PARTIAL ? (b.kt0 + CHUNK_STEPS < b.ktiles ? b.kt0 + CHUNK_STEPS : b.ktiles) : b.ktiles;
+  return b;
+}
+
 // ------------------------------------------------------------------------------------------
 // bf16 / fp16: mma.sync kernel. PARTIAL = false: fused (all of K, chunk totals in registers, bias,
 // rounding to O); PARTIAL = true: chunk blockIdx.x / m_tiles only, its fp32 sum stored to out
@@ -121,7 +143,6 @@ __global__ void __launch_bounds__(MmaTile::THREADS) linear_mma_kernel(LinearArgs
   constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, LD = Tile::LD, THREADS = Tile::THREADS;
   constexpr int STAGES = Tile::STAGES, MI = Tile::MI, NI = Tile::NI;
   constexpr int STAGE_ELEMS = (BM + BN) * LD;
-  constexpr int CHUNK_STEPS = kLinearKChunk / BK;
   static_assert(BK % 16 == 0 && NI % 2 == 0, "tile shape");
   static_assert(!PARTIAL || std::is_same<O, float>::value, "chunk partials are fp32");
 
@@ -129,17 +150,12 @@ __global__ void __launch_bounds__(MmaTile::THREADS) linear_mma_kernel(LinearArgs
   const int tid = int(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
   const int wm0 = (warp / Tile::WARPS_N) * Tile::WM, wn0 = (warp % Tile::WARPS_N) * Tile::WN;
-  const int64_t batch = p.batch0 + int64_t(blockIdx.z);
   const int M = p.M, N = p.N, K = p.K;
-  const int m_tiles = (M + BM - 1) / BM;
-  const int chunk = PARTIAL ? int(blockIdx.x) / m_tiles : 0;
-  const int m0 = (PARTIAL ? int(blockIdx.x) % m_tiles : int(blockIdx.x)) * BM, n0 = int(blockIdx.y) * BN;
+  const LinearBlock blk = linear_block<PARTIAL, BM, BN, BK>(p);
+  const int64_t batch = blk.batch;
+  const int chunk = blk.chunk, m0 = blk.m0, n0 = blk.n0, ktiles = blk.ktiles, kt0 = blk.kt0, kt1 = blk.kt1;
   const T* x = p.x + batch * p.x_batch_stride;
   const T* w = p.w + batch * p.w_batch_stride;
-  const int ktiles = (K + BK - 1) / BK;
-  // K steps [kt0, kt1): all of K (fused) or this block's chunk (partial).
-  const int kt0 = PARTIAL ? chunk * CHUNK_STEPS : 0;
-  const int kt1 = PARTIAL ? (kt0 + CHUNK_STEPS < ktiles ? kt0 + CHUNK_STEPS : ktiles) : ktiles;
   const int nk = kt1 - kt0;
 
   // Copies K step kt into stage `stage` (rows beyond M / N and columns beyond K: zeros).
@@ -279,16 +295,12 @@ __global__ void __launch_bounds__(SimtTile::THREADS) linear_simt_kernel(LinearAr
 
   const int tid = int(threadIdx.x);
   const int ty = tid / 16, tx = tid % 16;
-  const int64_t batch = p.batch0 + int64_t(blockIdx.z);
   const int M = p.M, N = p.N, K = p.K;
-  const int m_tiles = (M + BM - 1) / BM;
-  const int chunk = PARTIAL ? int(blockIdx.x) / m_tiles : 0;
-  const int m0 = (PARTIAL ? int(blockIdx.x) % m_tiles : int(blockIdx.x)) * BM, n0 = int(blockIdx.y) * BN;
+  const LinearBlock blk = linear_block<PARTIAL, BM, BN, BK>(p);
+  const int64_t batch = blk.batch;
+  const int chunk = blk.chunk, m0 = blk.m0, n0 = blk.n0, ktiles = blk.ktiles, kt0 = blk.kt0, kt1 = blk.kt1;
   const float* x = p.x + batch * p.x_batch_stride;
   const float* w = p.w + batch * p.w_batch_stride;
-  const int ktiles = (K + BK - 1) / BK;
-  const int kt0 = PARTIAL ? chunk * (kLinearKChunk / BK) : 0;
-  const int kt1 = PARTIAL ? (kt0 + kLinearKChunk / BK < ktiles ? kt0 + kLinearKChunk / BK : ktiles) : ktiles;
 
   float acc[TM][TN], total[TM][TN];  // as in linear_mma_kernel
 #pragma unroll
